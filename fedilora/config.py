@@ -1,0 +1,234 @@
+"""Typed model of ``params.yaml``: every knob of a run, validated before any work starts.
+
+Unknown keys are rejected (``extra="forbid"``) so a misspelt knob fails loudly instead of
+silently running the default; errors name the dotted field and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Pattern = Literal["image", "text", "both"]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    """Where the dataset lives and how each sample's text is built."""
+
+    source: str = "emoji"  # "emoji" (embedded default) or a path to a saved dataset
+    root: Path = Path("data")
+    text_field: Literal["name", "keywords", "both"] = "keywords"
+    image_size: PositiveInt = 224
+    max_text_length: PositiveInt = 32
+    test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+
+
+class ClientsConfig(_Section):
+    """How samples are spread over clients and which LoRA rank each client affords."""
+
+    num_clients: PositiveInt = 10
+    ranks: list[PositiveInt] = Field(default_factory=lambda: [16, 16, 8, 8, 4, 4, 2, 2, 2, 2])
+    partition: Literal["iid", "dirichlet"] = "iid"
+    dirichlet_alpha: Annotated[float, Field(gt=0.0)] = 0.5
+    test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+
+    @model_validator(mode="after")
+    def _ranks_per_client(self) -> "ClientsConfig":
+        if len(self.ranks) not in (1, self.num_clients):
+            raise ValueError(
+                f"clients.ranks has {len(self.ranks)} entries; expected 1 or "
+                f"clients.num_clients={self.num_clients}"
+            )
+        return self
+
+    def client_ranks(self) -> list[int]:
+        return self.ranks * self.num_clients if len(self.ranks) == 1 else list(self.ranks)
+
+
+class MissingConfig(_Section):
+    """Per-client modality dropout; a scalar applies to every client, a list gives one per client."""
+
+    rate: Probability | list[Probability] = 0.4
+    pattern: Pattern | list[Pattern] = "both"
+    fill: Literal["absent", "placeholder"] = "absent"
+
+
+class ModelConfig(_Section):
+    """The foundation model: the embedded pretrained encoders, or a tiny random one for tests."""
+
+    name: Literal["embedded", "tiny"] = "embedded"
+    num_image_tokens: PositiveInt = 2
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
+
+
+class LoraConfig(_Section):
+    """LoRA scaling rule: ``per_rank`` keeps alpha/r equal across clients so factors average cleanly."""
+
+    alpha_mode: Literal["per_rank", "fixed"] = "per_rank"
+    scale: Annotated[float, Field(gt=0.0)] = 2.0  # per_rank: alpha = scale * r
+    alpha: Annotated[float, Field(gt=0.0)] = 32.0  # fixed: the same alpha for every rank
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+
+    def alpha_for(self, rank: int) -> float:
+        return self.scale * rank if self.alpha_mode == "per_rank" else self.alpha
+
+
+class FederationConfig(_Section):
+    """Rounds, client sampling and the local optimiser (AdamW)."""
+
+    rounds: PositiveInt = 8
+    sample_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.4
+    local_epochs: PositiveInt = 1
+    batch_size: PositiveInt = 32
+    lr: Annotated[float, Field(gt=0.0)] = 3e-4
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+
+
+Method = Literal["fedavg", "hetlora", "flora", "flexlora", "fedilora"]
+METHODS = set(Method.__args__)
+
+
+class AggregationConfig(_Section):
+    method: Method = "fedilora"
+
+
+class EditingConfig(_Section):
+    """FediLoRA's layer-wise model editing on the client (see DESIGN.md, section 1)."""
+
+    enabled: bool = True
+    factors: Literal["A", "B", "both"] = "A"
+    num_layers: PositiveInt = 1
+    min_similarity: Probability = 0.95
+    mode: Literal["blend", "replace", "half"] = "blend"
+
+
+class TrackingConfig(_Section):
+    """MLflow: ``uri`` is a directory (an SQLite store and artifacts inside it) or any tracking URI."""
+
+    uri: str = "mlruns"
+    experiment: str = "fedilora"
+
+
+class RunnerConfig(_Section):
+    """How Prefect runs client tasks."""
+
+    task_runner: Literal["threads", "dask", "sequential"] = "threads"
+    max_workers: PositiveInt = 4
+    retries: Annotated[int, Field(ge=0)] = 2
+
+
+class CompareConfig(_Section):
+    """Variants ``fedilora compare`` runs side by side: ``method`` or ``method+edit``."""
+
+    variants: list[str] = Field(
+        default_factory=lambda: ["fedilora+edit", "fedilora", "hetlora", "flexlora", "flora"]
+    )
+
+
+class Params(_Section):
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    clients: ClientsConfig = ClientsConfig()
+    missing: MissingConfig = MissingConfig()
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    federation: FederationConfig = FederationConfig()
+    aggregation: AggregationConfig = AggregationConfig()
+    editing: EditingConfig = EditingConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    runner: RunnerConfig = RunnerConfig()
+    compare: CompareConfig = CompareConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Params":
+        n = self.clients.num_clients
+        for name in ("rate", "pattern"):
+            value = getattr(self.missing, name)
+            if isinstance(value, list) and len(value) != n:
+                raise ValueError(
+                    f"missing.{name} has {len(value)} entries; expected a single value or "
+                    f"clients.num_clients={n}"
+                )
+        ranks = set(self.clients.client_ranks())
+        methods = {self.aggregation.method} | {v.split("+")[0] for v in self.compare.variants}
+        if "fedavg" in methods and len(ranks) > 1:
+            raise ValueError(
+                f"aggregation.method=fedavg needs equal ranks, got clients.ranks={sorted(ranks)}; "
+                "use hetlora, flora, flexlora or fedilora for heterogeneous ranks"
+            )
+        for variant in self.compare.variants:
+            method, _, suffix = variant.partition("+")
+            if method not in METHODS or suffix not in ("", "edit"):
+                raise ValueError(
+                    f"compare.variants: unknown variant {variant!r}; expected one of {sorted(METHODS)}, "
+                    "optionally with '+edit'"
+                )
+        return self
+
+    def variant(self, name: str) -> "Params":
+        """These params for one compared variant: its method, editing on only with '+edit'."""
+        method, _, suffix = name.partition("+")
+        return self.model_copy(
+            update={
+                "aggregation": AggregationConfig(method=method),
+                "editing": self.editing.model_copy(update={"enabled": suffix == "edit"}),
+            }
+        )
+
+    def client_missing(self) -> list[tuple[float, str]]:
+        """(rate, pattern) for each client."""
+        n = self.clients.num_clients
+        rates = self.missing.rate if isinstance(self.missing.rate, list) else [self.missing.rate] * n
+        pats = self.missing.pattern if isinstance(self.missing.pattern, list) else [self.missing.pattern] * n
+        return list(zip(rates, pats))
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the file and field."""
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (misspelt?)"
+        lines.append(f"{source}: {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" and "input" in e and not isinstance(e["input"], dict) else ""))
+    return "; ".join(lines)
+
+
+def parse_params(data: dict, source: str = "params") -> Params:
+    try:
+        return Params.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_format_error(source, err)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
+    """Read and validate a params file; ``overrides`` maps dotted keys to values (``a.b=1``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return parse_params(data, str(path))

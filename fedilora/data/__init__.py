@@ -1,0 +1,29 @@
+"""Data: the embedded emoji dataset, client partitions and missing-modality simulation."""
+
+from fedilora.data.emoji import (
+    CATEGORIES,
+    DatasetError,
+    build_emoji_dataset,
+    build_from_sources,
+    dataset_statistics,
+    fetch_npm_package,
+    load_dataset_dir,
+    sample_text,
+)
+from fedilora.data.splits import SplitsError, load_splits, make_splits, save_splits, split_statistics
+
+__all__ = [
+    "CATEGORIES",
+    "DatasetError",
+    "SplitsError",
+    "build_emoji_dataset",
+    "build_from_sources",
+    "dataset_statistics",
+    "fetch_npm_package",
+    "load_dataset_dir",
+    "load_splits",
+    "make_splits",
+    "sample_text",
+    "save_splits",
+    "split_statistics",
+]

@@ -1,0 +1,263 @@
+"""Who holds which sample, and which modality each training sample has lost.
+
+The splits are a table, not a copy of the data: one row per (sample, assignment) with
+``row`` (dataset index), ``client`` (-1 for the global test set), ``split`` ('train'|'test'),
+``has_image`` and ``has_text``. It is computed once from ``params.seed`` and saved, so every
+stage and every method sees exactly the same clients.
+
+Randomness: the seed is spawned into independent streams (global test, partition, client
+train/test, missing modalities). Changing e.g. ``missing.rate`` therefore leaves the partition
+untouched, and the comparison between runs isolates the knob that changed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fedilora.config import Params
+
+COLUMNS = ("row", "client", "split", "has_image", "has_text")
+GLOBAL_TEST = -1
+MIN_DIRICHLET_CLIENT_SIZE = 2
+MAX_DIRICHLET_TRIES = 1000
+
+
+class SplitsError(ValueError):
+    """A splits file that cannot be used; the message names the file."""
+
+
+# --------------------------------------------------------------------------- partition
+
+
+def _largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
+    """Integer counts proportional to ``weights`` summing exactly to ``total``."""
+    raw = weights / weights.sum() * total
+    counts = np.floor(raw).astype(int)
+    order = np.argsort(-(raw - counts), kind="stable")
+    counts[order[: total - counts.sum()]] += 1
+    return counts
+
+
+def _stratified_holdout(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Indices of a test set whose class proportions follow the whole dataset's."""
+    classes, sizes = np.unique(labels, return_counts=True)
+    per_class = _largest_remainder(sizes.astype(float), int(round(fraction * len(labels))))
+    picked = [
+        rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, per_class)
+    ]
+    return np.sort(np.concatenate(picked)).astype(int)
+
+
+def _iid(pool: np.ndarray, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+    return [np.sort(part) for part in np.array_split(rng.permutation(pool), num_clients)]
+
+
+def _dirichlet_once(
+    pool: np.ndarray, labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    shares: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c in np.unique(labels[pool]):
+        idx = rng.permutation(pool[labels[pool] == c])
+        cuts = (np.cumsum(rng.dirichlet(np.full(num_clients, alpha))) * len(idx)).astype(int)[:-1]
+        for k, part in enumerate(np.split(idx, cuts)):
+            shares[k].append(part)
+    return [np.sort(np.concatenate(s)).astype(int) for s in shares]
+
+
+def _dirichlet(
+    pool: np.ndarray, labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Label skew; resampled because a client with almost no data can neither train nor test."""
+    for _ in range(MAX_DIRICHLET_TRIES):
+        parts = _dirichlet_once(pool, labels, num_clients, alpha, rng)
+        if min(len(p) for p in parts) >= MIN_DIRICHLET_CLIENT_SIZE:
+            return parts
+    raise ValueError(
+        f"dirichlet partition: no draw in {MAX_DIRICHLET_TRIES} tries gave every one of "
+        f"clients.num_clients={num_clients} clients at least {MIN_DIRICHLET_CLIENT_SIZE} of the "
+        f"{len(pool)} samples (clients.dirichlet_alpha={alpha}); raise the alpha or use fewer clients"
+    )
+
+
+def _check_sizes(n_total: int, n_pool: int, params: Params) -> None:
+    k = params.clients.num_clients
+    need = k * (MIN_DIRICHLET_CLIENT_SIZE if params.clients.partition == "dirichlet" else 1)
+    if n_pool < need:
+        raise ValueError(
+            f"clients.num_clients={k} is too many for {n_pool} client samples "
+            f"({n_total} samples minus the global test set); a {params.clients.partition} "
+            f"partition needs at least {need}"
+        )
+
+
+# --------------------------------------------------------------------------- per client
+
+
+def _client_test_size(n: int, fraction: float) -> int:
+    """At least one train sample always; at least one test sample whenever there are two."""
+    if n < 2:
+        return 0
+    return min(n - 1, max(1, int(round(fraction * n))))
+
+
+def _missing_masks(
+    n_train: int, rate: float, pattern: str, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exactly round(rate * n) samples lose one modality; never both, so no sample is empty."""
+    has_image = np.ones(n_train, dtype=bool)
+    has_text = np.ones(n_train, dtype=bool)
+    affected = rng.choice(n_train, size=int(round(rate * n_train)), replace=False)
+    if pattern == "image":
+        has_image[affected] = False
+    elif pattern == "text":
+        has_text[affected] = False
+    elif pattern == "both":
+        loses_image = rng.random(len(affected)) < 0.5
+        has_image[affected[loses_image]] = False
+        has_text[affected[~loses_image]] = False
+    else:
+        raise ValueError(f"missing.pattern must be image, text or both, got {pattern!r}")
+    return has_image, has_text
+
+
+def _frame(rows: np.ndarray, client: int, split: str, has_image: np.ndarray, has_text: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "row": rows.astype(np.int64),
+            "client": np.full(len(rows), client, dtype=np.int64),
+            "split": [split] * len(rows),
+            "has_image": has_image,
+            "has_text": has_text,
+        }
+    )
+
+
+def _complete(rows: np.ndarray, client: int, split: str) -> pd.DataFrame:
+    ones = np.ones(len(rows), dtype=bool)
+    return _frame(rows, client, split, ones, ones)
+
+
+def _client_frames(
+    k: int, share: np.ndarray, params: Params, split_rng: np.random.Generator, miss_rng: np.random.Generator
+) -> list[pd.DataFrame]:
+    shuffled = split_rng.permutation(share)
+    n_test = _client_test_size(len(shuffled), params.clients.test_fraction)
+    test, train = np.sort(shuffled[:n_test]), np.sort(shuffled[n_test:])
+    rate, pattern = params.client_missing()[k]
+    has_image, has_text = _missing_masks(len(train), rate, pattern, miss_rng)
+    return [_frame(train, k, "train", has_image, has_text), _complete(test, k, "test")]
+
+
+def make_splits(labels: Sequence[int], params: Params) -> pd.DataFrame:
+    """Global test set, client partition, client train/test and missing modalities, all seeded."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.ndim != 1 or len(labels) == 0:
+        raise ValueError(f"labels must be a non-empty 1-D sequence, got shape {labels.shape}")
+    holdout_rng, part_rng, split_rng, miss_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(params.seed).spawn(4)
+    )
+    test = _stratified_holdout(labels, params.data.test_fraction, holdout_rng)
+    pool = np.setdiff1d(np.arange(len(labels)), test)
+    _check_sizes(len(labels), len(pool), params)
+    k = params.clients.num_clients
+    if params.clients.partition == "dirichlet":
+        shares = _dirichlet(pool, labels, k, params.clients.dirichlet_alpha, part_rng)
+    else:
+        shares = _iid(pool, k, part_rng)
+    frames = [_complete(test, GLOBAL_TEST, "test")]
+    for client, share in enumerate(shares):
+        frames.extend(_client_frames(client, share, params, split_rng, miss_rng))
+    return pd.concat(frames, ignore_index=True)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _histogram(rows: pd.Series, labels: np.ndarray, num_classes: int) -> list[int]:
+    return np.bincount(labels[rows.to_numpy()], minlength=num_classes).astype(int).tolist()
+
+
+def _rate(count: int, n: int) -> float:
+    return float(count) / n if n else 0.0
+
+
+def _missing_counts(train: pd.DataFrame) -> dict[str, int]:
+    no_image = int((~train["has_image"]).sum())
+    no_text = int((~train["has_text"]).sum())
+    return {"image": no_image, "text": no_text, "any": int((~(train["has_image"] & train["has_text"])).sum())}
+
+
+def _client_stats(df: pd.DataFrame, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
+    train, test = df[df["split"] == "train"], df[df["split"] == "test"]
+    missing = _missing_counts(train)
+    return {
+        "n_train": len(train),
+        "n_test": len(test),
+        "missing_rate": {m: _rate(c, len(train)) for m, c in missing.items()},
+        "label_histogram": {
+            "train": _histogram(train["row"], labels, num_classes),
+            "test": _histogram(test["row"], labels, num_classes),
+        },
+    }
+
+
+def split_statistics(splits: pd.DataFrame, labels: Sequence[int], num_classes: int) -> dict[str, Any]:
+    """JSON-serialisable summary, keyed by client id as a string so DVC can flatten it."""
+    labels = np.asarray(labels, dtype=np.int64)
+    global_test = splits[splits["client"] == GLOBAL_TEST]
+    clients = splits[splits["client"] != GLOBAL_TEST]
+    per_client = {str(int(k)): _client_stats(g, labels, num_classes) for k, g in clients.groupby("client")}
+    train = clients[clients["split"] == "train"]
+    missing = _missing_counts(train)
+    return {
+        "num_clients": len(per_client),
+        "global_test": {"n": len(global_test), "label_histogram": _histogram(global_test["row"], labels, num_classes)},
+        "clients": per_client,
+        "totals": {
+            "n_samples": int(splits["row"].nunique()),
+            "n_train": len(train),
+            "n_client_test": int((clients["split"] == "test").sum()),
+            "n_global_test": len(global_test),
+            "missing": missing,
+            "missing_rate": {m: _rate(c, len(train)) for m, c in missing.items()},
+        },
+    }
+
+
+# --------------------------------------------------------------------------- persistence
+
+
+def save_splits(df: pd.DataFrame, path: str | Path) -> None:
+    """Parquet via a temp file and rename, so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        df.loc[:, list(COLUMNS)].to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_splits(path: str | Path) -> pd.DataFrame:
+    """Read a splits file, failing with the file's name if it is absent, corrupt or incomplete."""
+    path = Path(path)
+    if not path.is_file():
+        raise SplitsError(f"{path}: splits file not found; run the prepare stage to create it")
+    try:
+        df = pd.read_parquet(path)
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise SplitsError(f"{path}: not a readable parquet splits file ({err})") from None
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise SplitsError(f"{path}: missing column(s) {missing}; expected {list(COLUMNS)}")
+    return df

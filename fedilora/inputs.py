@@ -1,0 +1,103 @@
+"""Model inputs computed once per dataset: token ids and cached frozen image features.
+
+The image encoder never changes, so its features are computed in the ``prepare`` step and
+stored (safetensors); every client and round then only indexes tensors. The batch builder is
+where a missing modality becomes a mask, or, with ``missing.fill: placeholder`` (the official
+code's behaviour, for comparison), a neutral filler input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedilora.models.encoders import ImageEncoder
+
+PLACEHOLDER_TEXT = ""  # tokenises to [CLS] [SEP]: a text that says nothing
+
+
+@dataclass(frozen=True)
+class FeatureTable:
+    input_ids: torch.Tensor  # (N, L) int64
+    text_mask: torch.Tensor  # (N, L) bool
+    image_features: torch.Tensor  # (N, F) float32
+    labels: torch.Tensor  # (N,) int64
+    fill_input_ids: torch.Tensor  # (L,) placeholder text
+    fill_text_mask: torch.Tensor  # (L,)
+    fill_image: torch.Tensor  # (F,) features of an all-zero normalised image
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        save_file({f.name: getattr(self, f.name).contiguous() for f in fields(self)}, str(tmp))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "FeatureTable":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: feature cache not found; run `fedilora prepare` first")
+        try:
+            tensors = load_file(str(path))
+        except Exception as err:  # safetensors raises several types for a bad file
+            raise ValueError(f"{path}: not a readable safetensors feature cache ({err})") from None
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise ValueError(f"{path}: feature cache lacks tensors {missing}")
+        return cls(**{n: tensors[n] for n in names})
+
+
+def encode(texts: list[str], images: list, labels: list[int], tokenizer, image_encoder: ImageEncoder, max_length: int) -> FeatureTable:
+    tok = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    fill = tokenizer([PLACEHOLDER_TEXT], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    from PIL import Image
+
+    size = image_encoder.image_size
+    neutral = Image.new("RGB", (size, size), (127, 127, 127))  # normalises to ~0 for Lite models
+    return FeatureTable(
+        input_ids=tok["input_ids"].long(),
+        text_mask=tok["attention_mask"].bool(),
+        image_features=image_encoder.features(images).float(),
+        labels=torch.tensor(labels, dtype=torch.long),
+        fill_input_ids=fill["input_ids"][0].long(),
+        fill_text_mask=fill["attention_mask"][0].bool(),
+        fill_image=image_encoder.features([neutral])[0].float(),
+    )
+
+
+def make_batch(
+    table: FeatureTable,
+    rows: torch.Tensor,
+    has_image: torch.Tensor,
+    has_text: torch.Tensor,
+    fill: str = "absent",
+) -> dict[str, torch.Tensor]:
+    """Inputs for ``MultimodalClassifier.forward`` plus ``labels``."""
+    input_ids = table.input_ids[rows]
+    text_mask = table.text_mask[rows]
+    image_features = table.image_features[rows]
+    if fill == "placeholder":
+        no_text, no_image = ~has_text, ~has_image
+        input_ids = torch.where(no_text[:, None], table.fill_input_ids, input_ids)
+        text_mask = torch.where(no_text[:, None], table.fill_text_mask, text_mask)
+        image_features = torch.where(no_image[:, None], table.fill_image, image_features)
+        has_image = torch.ones_like(has_image)
+        has_text = torch.ones_like(has_text)
+    elif fill != "absent":
+        raise ValueError(f"missing.fill: unknown value {fill!r}; expected 'absent' or 'placeholder'")
+    return {
+        "input_ids": input_ids,
+        "text_mask": text_mask,
+        "image_features": image_features,
+        "has_image": has_image,
+        "has_text": has_text,
+        "labels": table.labels[rows],
+    }

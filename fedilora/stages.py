@@ -1,0 +1,101 @@
+"""The data stages as library functions: build the dataset and its feature cache, then the
+client splits. Paths all derive from ``data.root`` so DVC can declare them as outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedilora.config import Params
+from fedilora.data import build_emoji_dataset, load_dataset_dir, make_splits, sample_text, save_splits, split_statistics
+from fedilora.inputs import FeatureTable, encode
+from fedilora.models.encoders import load_image_encoder, load_tokenizer
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    root: Path
+    source: str
+
+    @classmethod
+    def of(cls, params: Params) -> "DataPaths":
+        return cls(Path(params.data.root), params.data.source)
+
+    @property
+    def dataset(self) -> Path:
+        return self.root / "emoji" if self.source == "emoji" else Path(self.source)
+
+    @property
+    def npm_cache(self) -> Path:
+        return self.root / "npm"
+
+    @property
+    def features(self) -> Path:
+        return self.root / "features.safetensors"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits.parquet"
+
+    @property
+    def split_stats(self) -> Path:
+        return self.root / "split_stats.json"
+
+    @property
+    def dataset_stats(self) -> Path:
+        return self.root / "dataset_stats.json"
+
+
+def load_source(params: Params, paths: DataPaths):
+    """The embedded emoji dataset (built from npm once, then reused) or a user's saved dataset."""
+    if paths.source == "emoji":
+        if not (paths.dataset / "dataset_info.json").is_file():
+            return build_emoji_dataset(paths.npm_cache, paths.dataset)
+    return load_dataset_dir(paths.dataset)
+
+
+def texts_of(ds, text_field: str) -> list[str]:
+    if "text" in ds.column_names:
+        return [t or "" for t in ds["text"]]
+    return [sample_text(n, k, text_field) for n, k in zip(ds["name"], ds["keywords"])]
+
+
+def prepare(params: Params) -> FeatureTable:
+    """Dataset → tokens + frozen image features, cached as one safetensors file."""
+    paths = DataPaths.of(params)
+    ds = load_source(params, paths)
+    table = encode(
+        texts_of(ds, params.data.text_field),
+        list(ds["image"]),
+        list(ds["label"]),
+        load_tokenizer(),
+        load_image_encoder(params.model.name, params.data.image_size),
+        params.data.max_text_length,
+    )
+    table.save(paths.features)
+    names = ds.features["label"].names
+    counts = table.labels.bincount(minlength=len(names)).tolist()
+    write_json(paths.dataset_stats, {"num_samples": len(table), "num_classes": len(names), "classes": dict(zip(names, counts))})
+    return table
+
+
+def split(params: Params):
+    """Clients, partition and missing modalities from the cached labels; saved with statistics."""
+    paths = DataPaths.of(params)
+    table = FeatureTable.load(paths.features)
+    labels = table.labels.numpy()
+    splits = make_splits(labels, params)
+    save_splits(splits, paths.splits)
+    write_json(paths.split_stats, split_statistics(splits, labels, int(labels.max()) + 1))
+    return splits
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomic: a crash leaves the previous file, never half of a new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)

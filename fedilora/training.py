@@ -1,0 +1,99 @@
+"""Local training and evaluation loops over index subsets of a ``FeatureTable``.
+
+Small on purpose: one optimiser step loop, one evaluation loop. Whatever adapter slot is active
+on the model is what trains or is evaluated; the caller swaps slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import f1_score
+from torch import nn
+
+from fedilora.inputs import FeatureTable, make_batch
+
+
+@dataclass(frozen=True)
+class Subset:
+    """Which rows of the table, and which modalities each of them has."""
+
+    rows: torch.Tensor
+    has_image: torch.Tensor
+    has_text: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    def drop(self, modality: str) -> "Subset":
+        """The same rows with one modality absent everywhere (for per-pattern evaluation)."""
+        off = torch.zeros_like(self.has_image)
+        if modality == "image":
+            return Subset(self.rows, off, torch.ones_like(off))
+        if modality == "text":
+            return Subset(self.rows, torch.ones_like(off), off)
+        raise ValueError(f"unknown modality {modality!r}; expected 'image' or 'text'")
+
+
+def _forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return model(**inputs)
+
+
+def train_local(
+    model: nn.Module,
+    table: FeatureTable,
+    data: Subset,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    fill: str = "absent",
+    generator: torch.Generator | None = None,
+) -> float:
+    """AdamW over the trainable (active adapter) parameters; returns the mean training loss."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("no trainable parameters: is an adapter active?")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model.train()
+    total, count = 0.0, 0
+    for _ in range(epochs):
+        order = torch.randperm(len(data), generator=generator)
+        for start in range(0, len(data), batch_size):
+            idx = order[start : start + batch_size]
+            batch = make_batch(table, data.rows[idx], data.has_image[idx], data.has_text[idx], fill)
+            loss = F.cross_entropy(_forward(model, batch), batch["labels"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+            count += len(idx)
+    model.eval()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, table: FeatureTable, data: Subset, *, batch_size: int = 128, fill: str = "absent") -> torch.Tensor:
+    model.eval()
+    preds = []
+    for start in range(0, len(data), batch_size):
+        sl = slice(start, start + batch_size)
+        batch = make_batch(table, data.rows[sl], data.has_image[sl], data.has_text[sl], fill)
+        preds.append(_forward(model, batch).argmax(-1))
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+
+def evaluate(model: nn.Module, table: FeatureTable, data: Subset, *, batch_size: int = 128, fill: str = "absent") -> dict[str, float]:
+    """Accuracy and macro-F1 (over the classes present in truth or prediction)."""
+    if len(data) == 0:
+        return {"accuracy": float("nan"), "macro_f1": float("nan")}
+    pred = predict(model, table, data, batch_size=batch_size, fill=fill).numpy()
+    truth = table.labels[data.rows].numpy()
+    return {
+        "accuracy": float((pred == truth).mean()),
+        "macro_f1": float(f1_score(truth, pred, average="macro", zero_division=0)),
+    }

@@ -1,0 +1,135 @@
+"""``fedilora``: the command line the DVC stages and users call.
+
+Every command takes ``--params`` (default ``params.yaml``). Errors print one line naming the
+field or file and exit non-zero; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import flows  # noqa: F401  (offline/telemetry defaults before the heavy imports)
+
+
+def _overrides(pairs: list[str]) -> dict:
+    """``-S a.b=value`` pairs, values parsed as YAML (numbers, lists, booleans)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"-S {pair!r}: expected KEY=VALUE, e.g. -S aggregation.method=hetlora")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def cmd_prepare(args, params) -> None:
+    from fedilora import stages
+
+    table = stages.prepare(params)
+    print(f"prepared {len(table)} samples -> {stages.DataPaths.of(params).features}")
+
+
+def cmd_split(args, params) -> None:
+    from fedilora import stages
+
+    splits = stages.split(params)
+    print(f"split {len(splits)} assignments over {params.clients.num_clients} clients -> {stages.DataPaths.of(params).splits}")
+
+
+def cmd_federate(args, params) -> None:
+    from flows.federated import federated_training, task_runner
+
+    flow = federated_training.with_options(task_runner=task_runner(params))
+    metrics = flow(params_path=str(args.params), overrides=args.overrides, out_dir=str(args.out))
+    print(json.dumps(metrics, indent=2))
+
+
+def cmd_compare(args, params) -> None:
+    from flows.federated import compare_methods, task_runner
+
+    flow = compare_methods.with_options(task_runner=task_runner(params))
+    result = flow(params_path=str(args.params), overrides=args.overrides, out_dir=str(args.out))
+    width = max(len(v) for v in result)
+    print("final global accuracy per variant:")
+    for variant, acc in result.items():
+        print(f"  {variant:<{width}}  {acc:.3f}")
+
+
+def cmd_report(args, params) -> None:
+    from fedilora.report import write_report
+
+    path = write_report(Path(args.run), Path(args.compare), Path(args.out))
+    print(f"report -> {path}")
+
+
+def cmd_serve(args, params) -> None:
+    from flows.federated import federated_training
+
+    print(f"serving deployment 'federated_training/{args.name}'; trigger it from the Prefect UI or "
+          f"`prefect deployment run 'federated_training/{args.name}'`")
+    federated_training.serve(
+        name=args.name,
+        parameters={"params_path": str(Path(args.params).resolve())},
+        cron=args.cron,
+    )
+
+
+COMMANDS = {
+    "prepare": (cmd_prepare, "fetch and build the dataset and its image feature cache"),
+    "split": (cmd_split, "clients, partition and missing-modality splits"),
+    "federate": (cmd_federate, "run the federated_training Prefect flow"),
+    "compare": (cmd_compare, "run compare.variants as sibling MLflow runs"),
+    "report": (cmd_report, "tables and plots in reports/"),
+    "serve": (cmd_serve, "serve the Prefect deployment (schedule runs from the UI)"),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedilora", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        s = sub.add_parser(name, help=help_text)
+        s.add_argument("--params", type=Path, default=Path("params.yaml"))
+        s.add_argument("-S", "--set", dest="set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a param, e.g. -S aggregation.method=hetlora")
+        s.add_argument("--debug", action="store_true", help="show tracebacks")
+        if name == "federate":
+            s.add_argument("--out", type=Path, default=Path("outputs/federate"))
+        if name == "compare":
+            s.add_argument("--out", type=Path, default=Path("outputs/compare"))
+        if name == "report":
+            s.add_argument("--run", type=Path, default=Path("outputs/federate"))
+            s.add_argument("--compare", type=Path, default=Path("outputs/compare"))
+            s.add_argument("--out", type=Path, default=Path("reports"))
+        if name == "serve":
+            s.add_argument("--name", default="fedilora")
+            s.add_argument("--cron", default=None, help="a schedule, e.g. '0 3 * * *'")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        from fedilora.config import load_params
+
+        args.overrides = _overrides(args.set)
+        params = load_params(args.params, args.overrides)
+        COMMANDS[args.command][0](args, params)
+    except KeyboardInterrupt:
+        print("fedilora: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one clear line for users; --debug for developers
+        if args.debug:
+            raise
+        print(f"fedilora {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

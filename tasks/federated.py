@@ -1,0 +1,27 @@
+"""The round's tasks. Inputs are hashed by nobody (``NONE`` cache policy): adapter states are
+tensors that change every round, so caching them would cost time and buy nothing."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+from fedilora.config import Params
+from fedilora.federation import ClientUpdate, State
+from tasks.runtime import federation
+
+
+@task(name="train_client", cache_policy=NONE, retries=2, retry_delay_seconds=0)
+def train_client(params: Params, client: int, global_state: State, round_idx: int) -> ClientUpdate:
+    """Local training, FediLoRA editing and the client's personalized evaluation."""
+    return federation(params).client_update(client, global_state, round_idx)
+
+
+@task(name="aggregate", cache_policy=NONE)
+def aggregate_updates(params: Params, updates: list[ClientUpdate]) -> State:
+    return federation(params).aggregate(updates)
+
+
+@task(name="evaluate_global", cache_policy=NONE)
+def evaluate_global(params: Params, state: State) -> dict[str, float]:
+    return federation(params).evaluate_global(state)

@@ -1,0 +1,59 @@
+"""Per-process cache of what is expensive to build: the base model and the feature table.
+
+Tasks receive only small arguments (a run key, a client id, adapter states); each worker
+process builds its ``Federation`` once and every later task of that run reuses it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pandas as pd
+
+from fedilora.config import Params
+from fedilora.data import load_splits
+from fedilora.federation import Federation, build_model
+from fedilora.inputs import FeatureTable
+from fedilora.stages import DataPaths
+
+_lock = threading.Lock()
+_models: dict[str, object] = {}
+_tables: dict[str, tuple[FeatureTable, pd.DataFrame]] = {}
+_federations: dict[str, Federation] = {}
+
+
+def _model_key(params: Params, image_dim: int, num_classes: int) -> str:
+    m = params.model
+    return f"{m.name}|{m.num_image_tokens}|{','.join(m.target_modules)}|{params.seed}|{image_dim}|{num_classes}|{max(params.clients.client_ranks())}|{params.lora.alpha_for(max(params.clients.client_ranks()))}|{params.lora.dropout}"
+
+
+def run_key(params: Params) -> str:
+    return params.model_dump_json()
+
+
+def federation(params: Params) -> Federation:
+    """The runtime for these params in this process, built on first use."""
+    key = run_key(params)
+    with _lock:
+        if key in _federations:
+            return _federations[key]
+        paths = DataPaths.of(params)
+        data_key = str(paths.root.resolve())
+        if data_key not in _tables:
+            _tables[data_key] = (FeatureTable.load(paths.features), load_splits(paths.splits))
+        table, splits = _tables[data_key]
+        num_classes = int(table.labels.max()) + 1
+        mkey = _model_key(params, table.image_features.shape[1], num_classes)
+        if mkey not in _models:
+            _models[mkey] = build_model(params, table.image_features.shape[1], num_classes)
+        fed = Federation(params, table, splits, model=_models[mkey])
+        _federations[key] = fed
+        return fed
+
+
+def clear() -> None:
+    """Forget cached runtimes (tests; or after the data on disk changed)."""
+    with _lock:
+        _models.clear()
+        _tables.clear()
+        _federations.clear()
