@@ -341,3 +341,22 @@ def client_share(global_state: State, rank: int, *, scaling: float = 1.0, merged
         else:
             out[key] = t.clone()
     return out
+
+
+def keep_unowned(new: State, previous: State) -> State:
+    """Rank dimensions that no sampled client owns keep their previous global values.
+
+    With partial participation a round may sample only low-rank clients; the global adapter
+    must still serve the largest ranks next round, so its higher dimensions carry over
+    unchanged instead of shrinking (or being zeroed) away.
+    """
+    r_new, r_prev = global_rank(new), global_rank(previous)
+    if r_new >= r_prev:
+        return new
+    out = dict(new)
+    for key, t in new.items():
+        if is_lora_a(key):
+            out[key] = torch.cat([t, previous[key][r_new:]], dim=0)
+        elif is_lora_b(key):
+            out[key] = torch.cat([t, previous[key][:, r_new:]], dim=1)
+    return out

@@ -193,19 +193,27 @@ class Federation:
         only for methods whose clients continue from a share of it (not FLoRA's fresh starts)."""
         return self.params.editing.enabled and round_idx >= 2 and not self.strategy.fresh_clients
 
-    def aggregate(self, updates: list[ClientUpdate]) -> State:
+    def aggregate(self, updates: list[ClientUpdate], previous: State) -> State:
+        """The new global state from this round's updates; ``previous`` fills the rank
+        dimensions that no sampled client owns."""
         if not updates:
             raise ValueError("no client update to aggregate")
         ranks = [u.rank for u in updates]
+        method = self.params.aggregation.method
+        # FlexLoRA's SVD must keep enough components for the largest client rank
+        options = {"rank": max(sum(ranks), max(self.ranks))} if method == "flexlora" else {}
         state = aggregation.aggregate(
-            self.params.aggregation.method,
+            method,
             [u.state for u in updates],
             ranks,
             [u.num_samples for u in updates],
             scalings=[self.scaling(r) for r in ranks],
+            **options,
         )
         if self.strategy.fresh_clients:
-            state = self._merge_into_base(state)
+            return self._merge_into_base(state)
+        if not self.strategy.merged:
+            state = aggregation.keep_unowned(state, previous)
         return state
 
     def _merge_into_base(self, stacked: State) -> State:
@@ -277,7 +285,7 @@ def run(fed: Federation, on_round: Callable[[RoundResult, State], None] | None =
     for round_idx in range(1, fed.params.federation.rounds + 1):
         clients = fed.sample_clients(round_idx)
         updates = [fed.client_update(c, global_state, round_idx) for c in clients]
-        global_state = fed.aggregate(updates)
+        global_state = fed.aggregate(updates, global_state)
         result = RoundResult(round_idx, clients, fed.evaluate_global(global_state), updates)
         results.append(result)
         if on_round is not None:

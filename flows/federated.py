@@ -43,7 +43,7 @@ def run_rounds(params: Params, out_dir: Path, variant: str, *, nested: bool = Fa
             clients = fed.sample_clients(round_idx)
             futures = trainer.map(unmapped(params), clients, unmapped(state), unmapped(round_idx))
             updates = [f.result() for f in futures]
-            state = aggregate_updates(params, updates)
+            state = aggregate_updates(params, updates, state)
             result = RoundResult(round_idx, clients, evaluate_global(params, state), updates)
             results.append(result)
             personal.update({u.client: u.state for u in updates})
@@ -80,8 +80,9 @@ def compare_methods(params_path: str = "params.yaml", overrides: dict | None = N
     with tracking.start_run(params, "compare"):
         for variant in params.compare.variants:
             vparams = params.variant(variant)
-            run_rounds(vparams, Path(out_dir) / variant, variant, nested=True)
-            frames[variant] = report.pd.read_csv(Path(out_dir) / variant / "rounds.csv")
+            run_dir = Path(out_dir) / "runs" / variant
+            run_rounds(vparams, run_dir, variant, nested=True)
+            frames[variant] = report.pd.read_csv(run_dir / "rounds.csv")
         table = report.write_comparison(Path(out_dir), frames)
         tracking.log_artifact(Path(out_dir) / "comparison.csv")
     return {row["variant"]: row["global_accuracy"] for _, row in table.iterrows()}

@@ -18,8 +18,8 @@ def train_client(params: Params, client: int, global_state: State, round_idx: in
 
 
 @task(name="aggregate", cache_policy=NONE)
-def aggregate_updates(params: Params, updates: list[ClientUpdate]) -> State:
-    return federation(params).aggregate(updates)
+def aggregate_updates(params: Params, updates: list[ClientUpdate], previous: State) -> State:
+    return federation(params).aggregate(updates, previous)
 
 
 @task(name="evaluate_global", cache_policy=NONE)
