@@ -25,7 +25,7 @@ from fedilora.config import Params
 from fedilora.editing import EditRecord, edit_adapter
 from fedilora.inputs import FeatureTable
 from fedilora.models import adapters
-from fedilora.models.encoders import load_image_encoder, load_text_model
+from fedilora.models.encoders import load_text_model
 from fedilora.models.multimodal import MultimodalClassifier
 from fedilora.training import Subset, evaluate, train_local
 
@@ -68,12 +68,21 @@ def subsets_from_splits(splits: pd.DataFrame) -> tuple[dict[int, Subset], dict[i
 def build_model(params: Params, image_dim: int, num_classes: int) -> adapters.PeftModel:
     """The base model wrapped with PEFT; its first slot is the initial global adapter (r_max)."""
     text_model = load_text_model(params.model.name, params.seed)
+    torch.manual_seed(params.seed)  # the projector and head start the same in every process
     base = MultimodalClassifier(text_model, image_dim, num_classes, params.model.num_image_tokens)
     r_max = max(params.clients.client_ranks())
-    torch.manual_seed(params.seed)
     return adapters.wrap_with_lora(
         base, r_max, params.lora.alpha_for(r_max), params.model.target_modules, params.lora.dropout
     )
+
+
+def load_adapter_model(params: Params, adapter_dir, image_dim: int, num_classes: int):
+    """A logged adapter (PEFT format) on a freshly built base model, ready for inference."""
+    from peft import PeftModel
+
+    text_model = load_text_model(params.model.name, params.seed)
+    base = MultimodalClassifier(text_model, image_dim, num_classes, params.model.num_image_tokens)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
 
 class Federation:

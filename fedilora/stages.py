@@ -9,7 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedilora.config import Params
-from fedilora.data import build_emoji_dataset, load_dataset_dir, make_splits, sample_text, save_splits, split_statistics
+from fedilora.data import (
+    build_emoji_dataset,
+    load_dataset_dir,
+    make_splits,
+    sample_text,
+    save_dataset,
+    save_splits,
+    split_statistics,
+)
 from fedilora.inputs import FeatureTable, encode
 from fedilora.models.encoders import load_image_encoder, load_tokenizer
 
@@ -25,7 +33,8 @@ class DataPaths:
 
     @property
     def dataset(self) -> Path:
-        return self.root / "emoji" if self.source == "emoji" else Path(self.source)
+        """The prepared copy every later stage reads (a DVC output, whatever the source)."""
+        return self.root / "dataset"
 
     @property
     def npm_cache(self) -> Path:
@@ -49,11 +58,13 @@ class DataPaths:
 
 
 def load_source(params: Params, paths: DataPaths):
-    """The embedded emoji dataset (built from npm once, then reused) or a user's saved dataset."""
+    """Build the embedded emoji dataset (npm tarballs are cached) or validate a user's saved
+    dataset, and write the prepared copy that later stages read."""
     if paths.source == "emoji":
-        if not (paths.dataset / "dataset_info.json").is_file():
-            return build_emoji_dataset(paths.npm_cache, paths.dataset)
-    return load_dataset_dir(paths.dataset)
+        return build_emoji_dataset(paths.npm_cache, paths.dataset)
+    ds = load_dataset_dir(Path(paths.source))
+    save_dataset(ds, paths.dataset)
+    return ds
 
 
 def texts_of(ds, text_field: str) -> list[str]:

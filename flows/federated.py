@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from fedilora import report, tracking
 from fedilora.config import Params, load_params
 from fedilora.federation import RoundResult
+from fedilora.stages import write_json
 from tasks import aggregate_updates, evaluate_global, train_client
 from tasks.runtime import federation
 
@@ -60,8 +61,8 @@ def run_rounds(params: Params, out_dir: Path, variant: str, *, nested: bool = Fa
         split_stats = Path(params.data.root) / "split_stats.json"
         if split_stats.is_file():
             tracking.log_artifact(split_stats)
-        metrics["mlflow_run_id"] = run.info.run_id
-    return metrics
+        write_json(Path(out_dir) / "mlflow_run.json", {"run_id": run.info.run_id, "variant": variant})
+    return {**metrics, "mlflow_run_id": run.info.run_id}
 
 
 @flow(name="federated_training")

@@ -68,7 +68,23 @@ def test_placeholder_fill_uses_filler_not_masking() -> None:
     batch = make_batch(table, data.rows, data.has_image, data.has_text, fill="placeholder")
     assert batch["has_image"].all() and batch["has_text"].all()
     assert torch.equal(batch["image_features"][0], table.fill_image)
-    assert torch.equal(batch["input_ids"][1], table.fill_input_ids)
+    width = batch["input_ids"].shape[1]
+    assert width == int(table.fill_text_mask.sum())  # trimmed to the filler's length
+    assert torch.equal(batch["input_ids"][1], table.fill_input_ids[:width])
+
+
+def test_trimming_padding_leaves_logits_unchanged() -> None:
+    table = _table(8)
+    model = _model().eval()
+    data = Subset(torch.arange(8), torch.tensor([True, False] * 4), torch.tensor([True, True, False, True] * 2))
+    batch = make_batch(table, data.rows, data.has_image, data.has_text)
+    assert batch["input_ids"].shape[1] < table.input_ids.shape[1]
+    full = dict(batch, input_ids=table.input_ids[data.rows], text_mask=table.text_mask[data.rows])
+    strip = lambda b: {k: v for k, v in b.items() if k != "labels"}  # noqa: E731
+    with torch.no_grad():
+        assert torch.allclose(model(**strip(batch)), model(**strip(full)), atol=1e-5)
+    only_image = make_batch(table, data.rows, torch.ones(8, dtype=torch.bool), torch.zeros(8, dtype=torch.bool))
+    assert only_image["input_ids"].shape[1] == 0
 
 
 def test_two_ranks_share_one_base_model() -> None:

@@ -9,6 +9,8 @@ import datasets
 import yaml
 from PIL import Image
 
+from fedilora.config import Params
+
 CLASSES = ["red", "green", "blue"]
 COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220)]
 WORDS = ["apple cherry", "leaf frog", "sea sky"]
@@ -35,15 +37,16 @@ def write_dataset(path: Path, per_class: int = 30) -> Path:
     return path
 
 
-def tiny_params(root: Path, **sections) -> dict:
+def tiny_params(**sections) -> dict:
+    """Paths are relative to the project folder: run the CLI (or DVC) from there."""
     params = {
         "seed": 0,
-        "data": {"source": str(root / "dataset"), "root": str(root / "data"), "max_text_length": 8},
+        "data": {"source": "dataset", "root": "data", "max_text_length": 8},
         "clients": {"num_clients": 4, "ranks": [4, 4, 2, 2], "test_fraction": 0.25},
         "missing": {"rate": 0.4, "pattern": "both"},
         "model": {"name": "tiny"},
         "federation": {"rounds": 2, "sample_fraction": 0.5, "batch_size": 8, "lr": 0.01},
-        "tracking": {"uri": str(root / "mlruns")},
+        "tracking": {"uri": "mlruns"},
         "runner": {"max_workers": 2},
         "compare": {"variants": ["fedilora+edit", "hetlora"]},
     }
@@ -57,5 +60,6 @@ def write_project(root: Path, **sections) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     write_dataset(root / "dataset")
     path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(tiny_params(root, **sections)))
+    full = Params.model_validate(tiny_params(**sections)).model_dump(mode="json")  # DVC wants every key
+    path.write_text(yaml.safe_dump(full, sort_keys=False))
     return path

@@ -8,6 +8,7 @@ from fedilora.data.emoji import (
     dataset_statistics,
     fetch_npm_package,
     load_dataset_dir,
+    save_dataset,
     sample_text,
 )
 from fedilora.data.splits import SplitsError, load_splits, make_splits, save_splits, split_statistics
@@ -21,6 +22,7 @@ __all__ = [
     "dataset_statistics",
     "fetch_npm_package",
     "load_dataset_dir",
+    "save_dataset",
     "load_splits",
     "make_splits",
     "sample_text",

@@ -295,7 +295,7 @@ def _sources() -> list[dict[str, str]]:
     ]
 
 
-def _save_atomically(ds: datasets.Dataset, out_dir: Path) -> None:
+def save_dataset(ds: datasets.Dataset, out_dir: Path) -> None:
     """Write beside ``out_dir`` then rename, so a crash never leaves a half-written dataset."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
@@ -324,7 +324,7 @@ def build_emoji_dataset(cache_dir: Path, out_dir: Path) -> datasets.Dataset:
         include=("package/en/data.json", "package/LICENSE"),
     )
     ds = build_from_sources(images / "package/emoji.json", images / IMAGE_SUBDIR, text / "package/en/data.json")
-    _save_atomically(ds, out_dir)
+    save_dataset(ds, out_dir)
     return datasets.load_from_disk(str(out_dir))
 
 

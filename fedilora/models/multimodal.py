@@ -14,13 +14,17 @@ from transformers import BertModel
 
 
 class MultimodalClassifier(nn.Module):
+    """Pooling is per modality (image tokens, text tokens), concatenated for the head: the
+    image keeps a direct path to the decision even though the text tokens outnumber it."""
+
     def __init__(self, text_model: BertModel, image_dim: int, num_classes: int, num_image_tokens: int = 2):
         super().__init__()
         hidden = text_model.config.hidden_size
         self.text_model = text_model
         self.num_image_tokens = num_image_tokens
-        self.image_projector = nn.Linear(image_dim, num_image_tokens * hidden)
-        self.classifier = nn.Linear(hidden, num_classes)
+        # LayerNorm first: frozen CNN features are on another scale than token embeddings
+        self.image_projector = nn.Sequential(nn.LayerNorm(image_dim), nn.Linear(image_dim, num_image_tokens * hidden))
+        self.classifier = nn.Linear(2 * hidden, num_classes)
 
     def forward(
         self,
@@ -39,6 +43,12 @@ class MultimodalClassifier(nn.Module):
         image_mask = has_image[:, None].expand(batch, self.num_image_tokens)
         mask = torch.cat([image_mask, text_mask.bool() & has_text[:, None]], dim=1)
         out = self.text_model(inputs_embeds=embeds, attention_mask=mask.long()).last_hidden_state
-        weights = mask.unsqueeze(-1).to(out.dtype)
-        pooled = (out * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        n = self.num_image_tokens
+        pooled = torch.cat([_masked_mean(out[:, :n], mask[:, :n]), _masked_mean(out[:, n:], mask[:, n:])], dim=-1)
         return self.classifier(pooled)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the present positions; zeros where a modality is absent altogether."""
+    w = mask.unsqueeze(-1).to(x.dtype)
+    return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
