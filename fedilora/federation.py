@@ -284,6 +284,8 @@ class RoundResult:
             out[f"client/{u.client}/accuracy"] = u.metrics["accuracy"]
             out[f"client/{u.client}/loss"] = u.loss
         out["edits"] = float(sum(e.edited for u in self.updates for e in u.edits))
+        out["clients/sampled"] = float(len(self.clients))
+        out["clients/succeeded"] = float(len(self.updates))
         return out
 
 

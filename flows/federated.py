@@ -6,6 +6,7 @@ reduce with ``aggregate``, evaluate, and log everything to MLflow.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from prefect import flow, unmapped
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 from fedilora import report, tracking
 from fedilora.config import Params, load_params
 from fedilora.federation import RoundResult
-from fedilora.stages import write_json
+from fedilora.stages import DataPaths, write_json
 from tasks import aggregate_updates, evaluate_global, train_client
 from tasks.runtime import federation
 
@@ -23,6 +24,17 @@ from tasks.runtime import federation
 def task_runner(params: Params):
     workers = 1 if params.runner.task_runner == "sequential" else params.runner.max_workers
     return ThreadPoolTaskRunner(max_workers=workers)
+
+
+def data_hash(params: Params) -> str:
+    """Content hash of the prepared features and splits: which data a run saw."""
+    paths = DataPaths.of(params)
+    digest = hashlib.md5()
+    for path in (paths.features, paths.splits):
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _edits_record(result: RoundResult) -> dict:
@@ -39,7 +51,7 @@ def run_rounds(params: Params, out_dir: Path, variant: str, *, nested: bool = Fa
     results: list[RoundResult] = []
     personal: dict[int, dict] = {}
     trainer = train_client.with_options(retries=params.runner.retries)
-    with tracking.start_run(params, variant, nested=nested) as run:
+    with tracking.start_run(params, variant, nested=nested, data_hash=data_hash(params)) as run:
         for round_idx in tqdm(range(1, params.federation.rounds + 1), desc=f"{variant} rounds", unit="round"):
             clients = fed.sample_clients(round_idx)
             futures = trainer.map(unmapped(params), clients, unmapped(state), unmapped(round_idx))
@@ -51,6 +63,9 @@ def run_rounds(params: Params, out_dir: Path, variant: str, *, nested: bool = Fa
             tracking.log_metrics(result.summary(), step=round_idx)
             tracking.log_dict(_edits_record(result), f"edits/round_{round_idx:03d}.json")
         metrics = report.write_run_outputs(out_dir, results, variant)
+        plot = Path(out_dir) / "accuracy.png"
+        report.plot_rounds(report.rounds_frame(results, variant), plot)
+        tracking.log_artifact(plot)
         adapters_dir = Path(out_dir) / "adapters"
         fed.save_adapter(state, adapters_dir / "global", is_global=True)
         for client, client_state in sorted(personal.items()):

@@ -154,7 +154,9 @@ def start_mlflow_server(backend_uri: str, port: int, workdir: Path, *, timeout: 
         str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri, "--host", HOST, "--port", str(port),
         "--workers", "1", "--artifacts-destination", str(workdir / "served-artifacts"),
     ]
-    server = Server(cmd, cwd=workdir, env=base_env(), log=workdir / "mlflow-server.log")
+    # no background job runner (7 huey processes, for GenAI jobs): 2 cores are enough for the rest
+    env = base_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    server = Server(cmd, cwd=workdir, env=env, log=workdir / "mlflow-server.log")
     try:
         wait_until(lambda: http_ok(f"http://{HOST}:{port}/health"), timeout, "MLflow /health", servers=(server,))
     except BaseException:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from tqdm.auto import tqdm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -70,7 +71,8 @@ class ImageEncoder:
             arrays = [_to_array(img, TINY_IMAGE_GRID) for img in images]
             return torch.from_numpy(np.stack(arrays)).flatten(1) * 2.0 - 1.0
         out = []
-        for start in range(0, len(images), batch_size):
+        starts = range(0, len(images), batch_size)
+        for start in tqdm(starts, desc="image features", unit="batch", disable=len(starts) < 2):
             batch = np.stack([_to_array(img, self.image_size) for img in images[start : start + batch_size]])
             pixels = torch.from_numpy(batch).permute(0, 3, 1, 2)
             pixels = (pixels * 255.0 - 127.0) / 128.0  # EfficientNet-Lite's input normalisation
