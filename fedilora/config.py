@@ -91,6 +91,14 @@ class FederationConfig(_Section):
     batch_size: PositiveInt = 32
     lr: Annotated[float, Field(gt=0.0)] = 3e-4
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    min_clients: PositiveInt = 1  # a round with fewer successful clients stops the run
+
+
+class FaultsConfig(_Section):
+    """Fault injection for testing: each client training attempt fails with this probability
+    (seeded by round, client and attempt, so a rerun fails the same way)."""
+
+    client_failure_rate: Probability = 0.0
 
 
 Method = Literal["fedavg", "hetlora", "flora", "flexlora", "fedilora"]
@@ -144,6 +152,7 @@ class Params(_Section):
     federation: FederationConfig = FederationConfig()
     aggregation: AggregationConfig = AggregationConfig()
     editing: EditingConfig = EditingConfig()
+    faults: FaultsConfig = FaultsConfig()
     tracking: TrackingConfig = TrackingConfig()
     runner: RunnerConfig = RunnerConfig()
     compare: CompareConfig = CompareConfig()

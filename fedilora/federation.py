@@ -141,8 +141,16 @@ class Federation:
 
     def reset_base(self) -> None:
         """Undo merges into the base weights (FLoRA) so a new run starts from the foundation model."""
-        for key, weight in adapters.target_base_weights(self.model).items():
-            weight.data.copy_(self.model.foundation_weights[key])
+        self.set_base_weights(self.model.foundation_weights)
+
+    def base_weights(self) -> State:
+        """The adapted layers' base weights as they are now (FLoRA merges into them)."""
+        return {k: w.detach().clone() for k, w in adapters.target_base_weights(self.model).items()}
+
+    def set_base_weights(self, weights: State) -> None:
+        with self._lock:
+            for key, weight in adapters.target_base_weights(self.model).items():
+                weight.data.copy_(weights[key])
 
     def share_for(self, global_state: State, client: int, round_idx: int) -> State:
         """What a client starts local training from this round."""
@@ -286,6 +294,7 @@ class RoundResult:
         out["edits"] = float(sum(e.edited for u in self.updates for e in u.edits))
         out["clients/sampled"] = float(len(self.clients))
         out["clients/succeeded"] = float(len(self.updates))
+        out["clients/failed"] = float(len(self.clients) - len(self.updates))
         return out
 
 

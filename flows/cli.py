@@ -41,9 +41,29 @@ def cmd_split(args, params) -> None:
     print(f"split {len(splits)} assignments over {params.clients.num_clients} clients -> {stages.DataPaths.of(params).splits}")
 
 
+def check_prefect_server() -> None:
+    """With PREFECT_API_URL set, fail fast and clearly if no server answers there (instead of
+    a long retry loop and a traceback); without it, Prefect starts its ephemeral server."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    url = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+    if not url:
+        return
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+            response.read()
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise RuntimeError(f"PREFECT_API_URL={url}: no Prefect server answers there ({reason}); "
+                           "start one with `prefect server start` or unset PREFECT_API_URL") from None
+
+
 def cmd_federate(args, params) -> None:
     from flows.federated import federated_training, task_runner
 
+    check_prefect_server()
     flow = federated_training.with_options(task_runner=task_runner(params))
     metrics = flow(params_path=str(args.params), overrides=args.overrides, out_dir=str(args.out))
     print(json.dumps(metrics, indent=2))
@@ -52,6 +72,7 @@ def cmd_federate(args, params) -> None:
 def cmd_compare(args, params) -> None:
     from flows.federated import compare_methods, task_runner
 
+    check_prefect_server()
     flow = compare_methods.with_options(task_runner=task_runner(params))
     result = flow(params_path=str(args.params), overrides=args.overrides, out_dir=str(args.out))
     width = max(len(v) for v in result)
@@ -70,6 +91,7 @@ def cmd_report(args, params) -> None:
 def cmd_serve(args, params) -> None:
     from flows.federated import federated_training
 
+    check_prefect_server()
     print(f"serving deployment 'federated_training/{args.name}'; trigger it from the Prefect UI or "
           f"`prefect deployment run 'federated_training/{args.name}'`")
     federated_training.serve(

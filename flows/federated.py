@@ -7,15 +7,16 @@ reduce with ``aggregate``, evaluate, and log everything to MLflow.
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
-from prefect import flow, unmapped
+from prefect import flow, get_run_logger, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm.auto import tqdm
 
-from fedilora import report, tracking
+from fedilora import checkpoint, report, tracking
 from fedilora.config import Params, load_params
-from fedilora.federation import RoundResult
+from fedilora.federation import ClientUpdate, RoundResult
 from fedilora.stages import DataPaths, write_json
 from tasks import aggregate_updates, evaluate_global, train_client
 from tasks.runtime import federation
@@ -44,39 +45,79 @@ def _edits_record(result: RoundResult) -> dict:
     }
 
 
+def _train_round(params: Params, clients: list[int], state, round_idx: int) -> list[ClientUpdate]:
+    """Map ``train_client`` over the sampled clients; a client that still fails after its
+    retries is dropped from the round, which goes on if ``federation.min_clients`` succeeded."""
+    trainer = train_client.with_options(retries=params.runner.retries)
+    futures = trainer.map(unmapped(params), clients, unmapped(state), unmapped(round_idx))
+    updates, failed = [], []
+    for client, future in zip(clients, futures):
+        try:
+            updates.append(future.result())
+        except Exception as err:  # the task's own error, after its retries
+            failed.append(client)
+            get_run_logger().warning("round %d: client %d dropped (%s)", round_idx, client, err)
+    if len(updates) < params.federation.min_clients:
+        raise RuntimeError(
+            f"round {round_idx}: only {len(updates)} of {len(clients)} sampled clients succeeded "
+            f"(failed: {failed}); federation.min_clients={params.federation.min_clients}"
+        )
+    return updates
+
+
 def run_rounds(params: Params, out_dir: Path, variant: str, *, nested: bool = False) -> dict[str, float]:
-    """The round loop inside an MLflow run; writes DVC outputs to ``out_dir``."""
+    """The round loop inside an MLflow run; writes DVC outputs to ``out_dir``.
+
+    After every round the global state, the personalized states and the results so far are
+    checkpointed; rerunning the same command resumes after the last finished round, in the
+    same MLflow run, with the same final results (every random choice is seeded per round).
+    """
+    out_dir = Path(out_dir)
     fed = federation(params)
+    ckpt_dir = out_dir / "checkpoint"
+    phash = checkpoint.params_hash(params.model_dump_json())
+    ckpt = checkpoint.load(ckpt_dir)
+    if ckpt is not None and ckpt.params_hash != phash:
+        get_run_logger().warning("%s: checkpoint is for other params; starting afresh", ckpt_dir)
+        ckpt = None
     state = fed.initial_global_state()
     results: list[RoundResult] = []
     personal: dict[int, dict] = {}
-    trainer = train_client.with_options(retries=params.runner.retries)
-    with tracking.start_run(params, variant, nested=nested, data_hash=data_hash(params)) as run:
-        for round_idx in tqdm(range(1, params.federation.rounds + 1), desc=f"{variant} rounds", unit="round"):
+    run_id = None
+    if ckpt is not None:
+        state, personal, results, run_id = ckpt.global_state, ckpt.personal, ckpt.results, ckpt.run_id
+        if ckpt.base_weights is not None:
+            fed.set_base_weights(ckpt.base_weights)
+        get_run_logger().info("resuming %s after round %d", variant, ckpt.round)
+    first = len(results) + 1
+    with tracking.start_run(params, variant, nested=nested, run_id=run_id, data_hash=data_hash(params)) as run:
+        for round_idx in tqdm(range(first, params.federation.rounds + 1), desc=f"{variant} rounds", unit="round"):
             clients = fed.sample_clients(round_idx)
-            futures = trainer.map(unmapped(params), clients, unmapped(state), unmapped(round_idx))
-            updates = [f.result() for f in futures]
+            updates = _train_round(params, clients, state, round_idx)
             state = aggregate_updates(params, updates, state)
             result = RoundResult(round_idx, clients, evaluate_global(params, state), updates)
             results.append(result)
             personal.update({u.client: u.state for u in updates})
             tracking.log_metrics(result.summary(), step=round_idx)
             tracking.log_dict(_edits_record(result), f"edits/round_{round_idx:03d}.json")
+            base = fed.base_weights() if fed.strategy.fresh_clients else None
+            checkpoint.save(ckpt_dir, checkpoint.Checkpoint(round_idx, run.info.run_id, phash, state, personal, base, results))
         metrics = report.write_run_outputs(out_dir, results, variant)
-        plot = Path(out_dir) / "accuracy.png"
+        plot = out_dir / "accuracy.png"
         report.plot_rounds(report.rounds_frame(results, variant), plot)
         tracking.log_artifact(plot)
-        adapters_dir = Path(out_dir) / "adapters"
+        adapters_dir = out_dir / "adapters"
         fed.save_adapter(state, adapters_dir / "global", is_global=True)
         for client, client_state in sorted(personal.items()):
             fed.save_adapter(client_state, adapters_dir / f"client_{client}", is_global=False)
         tracking.log_artifacts(adapters_dir, "adapters")
         for name in ("metrics.json", "rounds.csv", "clients.csv"):
-            tracking.log_artifact(Path(out_dir) / name)
+            tracking.log_artifact(out_dir / name)
         split_stats = Path(params.data.root) / "split_stats.json"
         if split_stats.is_file():
             tracking.log_artifact(split_stats)
-        write_json(Path(out_dir) / "mlflow_run.json", {"run_id": run.info.run_id, "variant": variant})
+        write_json(out_dir / "mlflow_run.json", {"run_id": run.info.run_id, "variant": variant})
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: a later run must not "resume" stale code
     return {**metrics, "mlflow_run_id": run.info.run_id}
 
 

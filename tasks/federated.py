@@ -5,15 +5,27 @@ from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NONE
+from prefect.runtime import task_run
 
 from fedilora.config import Params
-from fedilora.federation import ClientUpdate, State
+from fedilora.federation import ClientUpdate, State, derive_seed
 from tasks.runtime import federation
+
+
+class InjectedFault(RuntimeError):
+    """A failure raised on purpose by ``faults.client_failure_rate``."""
+
+
+def inject_fault(params: Params, client: int, round_idx: int, attempt: int) -> None:
+    rate = params.faults.client_failure_rate
+    if rate > 0 and derive_seed(params.seed, round_idx, client, attempt, 404) / 2**63 < rate:
+        raise InjectedFault(f"injected failure: client {client}, round {round_idx}, attempt {attempt}")
 
 
 @task(name="train_client", cache_policy=NONE, retries=2, retry_delay_seconds=0)
 def train_client(params: Params, client: int, global_state: State, round_idx: int) -> ClientUpdate:
     """Local training, FediLoRA editing and the client's personalized evaluation."""
+    inject_fault(params, client, round_idx, task_run.run_count or 1)
     return federation(params).client_update(client, global_state, round_idx)
 
 
