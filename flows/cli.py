@@ -134,11 +134,30 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _configure_logging(debug: bool) -> None:
+    """Our own messages go to stderr; Prefect's run loggers print tracebacks of failed tasks
+    and flows, so outside --debug they only report critical events (the UI still shows states)."""
+    import logging
+    import os
+
+    ours = logging.getLogger("fedilora")
+    if not ours.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s fedilora: %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+    if not debug:
+        for logger in ("TASK_RUNS", "FLOW_RUNS"):
+            os.environ.setdefault(f"PREFECT_LOGGING_LOGGERS_PREFECT_{logger}_LEVEL", "CRITICAL")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         from fedilora.config import load_params
 
+        _configure_logging(args.debug)
         args.overrides = _overrides(args.set)
         params = load_params(args.params, args.overrides)
         COMMANDS[args.command][0](args, params)

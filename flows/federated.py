@@ -7,10 +7,11 @@ reduce with ``aggregate``, evaluate, and log everything to MLflow.
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 from pathlib import Path
 
-from prefect import flow, get_run_logger, unmapped
+from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm.auto import tqdm
 
@@ -20,6 +21,8 @@ from fedilora.federation import ClientUpdate, RoundResult
 from fedilora.stages import DataPaths, write_json
 from tasks import aggregate_updates, evaluate_global, train_client
 from tasks.runtime import federation
+
+log = logging.getLogger("fedilora")
 
 
 def task_runner(params: Params):
@@ -56,7 +59,7 @@ def _train_round(params: Params, clients: list[int], state, round_idx: int) -> l
             updates.append(future.result())
         except Exception as err:  # the task's own error, after its retries
             failed.append(client)
-            get_run_logger().warning("round %d: client %d dropped (%s)", round_idx, client, err)
+            log.warning("round %d: client %d dropped (%s)", round_idx, client, err)
     if len(updates) < params.federation.min_clients:
         raise RuntimeError(
             f"round {round_idx}: only {len(updates)} of {len(clients)} sampled clients succeeded "
@@ -78,7 +81,7 @@ def run_rounds(params: Params, out_dir: Path, variant: str, *, nested: bool = Fa
     phash = checkpoint.params_hash(params.model_dump_json())
     ckpt = checkpoint.load(ckpt_dir)
     if ckpt is not None and ckpt.params_hash != phash:
-        get_run_logger().warning("%s: checkpoint is for other params; starting afresh", ckpt_dir)
+        log.warning("%s: checkpoint is for other params; starting afresh", ckpt_dir)
         ckpt = None
     state = fed.initial_global_state()
     results: list[RoundResult] = []
@@ -88,7 +91,7 @@ def run_rounds(params: Params, out_dir: Path, variant: str, *, nested: bool = Fa
         state, personal, results, run_id = ckpt.global_state, ckpt.personal, ckpt.results, ckpt.run_id
         if ckpt.base_weights is not None:
             fed.set_base_weights(ckpt.base_weights)
-        get_run_logger().info("resuming %s after round %d", variant, ckpt.round)
+        log.info("resuming %s after round %d", variant, ckpt.round)
     first = len(results) + 1
     with tracking.start_run(params, variant, nested=nested, run_id=run_id, data_hash=data_hash(params)) as run:
         for round_idx in tqdm(range(first, params.federation.rounds + 1), desc=f"{variant} rounds", unit="round"):

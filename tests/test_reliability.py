@@ -1,0 +1,208 @@
+"""Crash and resume, client failures, and bad input through the real command line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tiny_project import write_project
+
+BIN = Path(sys.executable).parent
+SLOW_TINY = {"rounds": 8, "sample_fraction": 1.0, "batch_size": 4, "lr": 0.01}
+
+
+def _env(project: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PREFECT_HOME=str(project / ".prefect"))
+    return env
+
+
+def _cli(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [str(BIN / "fedilora"), *args], cwd=project, env=_env(project), capture_output=True, text=True, timeout=600
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _prepared(root: Path, **sections) -> Path:
+    write_project(root, **sections)
+    _cli(root, "prepare")
+    _cli(root, "split")
+    return root
+
+
+def _mlflow_run(project: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    run_id = json.loads((project / "outputs/federate/mlflow_run.json").read_text())["run_id"]
+    return client, run_id
+
+
+@pytest.mark.slow
+def test_kill_9_mid_round_then_rerun_resumes_with_identical_results(tmp_path: Path) -> None:
+    reference = _prepared(tmp_path / "reference", federation=SLOW_TINY)
+    _cli(reference, "federate")
+
+    project = _prepared(tmp_path / "killed", federation=SLOW_TINY)
+    meta = project / "outputs/federate/checkpoint/meta.json"
+    proc = subprocess.Popen(
+        [str(BIN / "fedilora"), "federate"], cwd=project, env=_env(project),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if meta.is_file() and json.loads(meta.read_text())["round"] >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = json.loads(meta.read_text())
+    assert 2 <= saved["round"] < SLOW_TINY["rounds"]
+    assert not (project / "outputs/federate/metrics.json").exists()
+
+    _cli(project, "federate")
+    assert not meta.exists()  # a finished run leaves no checkpoint behind
+    assert json.loads((project / "outputs/federate/metrics.json").read_text()) == json.loads(
+        (reference / "outputs/federate/metrics.json").read_text()
+    )
+    for adapter in ("global", "client_0", "client_3"):
+        got = load_file(str(project / f"outputs/federate/adapters/{adapter}/adapter_model.safetensors"))
+        want = load_file(str(reference / f"outputs/federate/adapters/{adapter}/adapter_model.safetensors"))
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in got), adapter
+
+    client, run_id = _mlflow_run(project)
+    assert run_id == saved["run_id"]  # the same MLflow run continued
+    steps = sorted({m.step for m in client.get_metric_history(run_id, "global/accuracy")})
+    assert steps == list(range(1, SLOW_TINY["rounds"] + 1))
+    runs = client.search_runs([client.get_experiment_by_name("fedilora").experiment_id])
+    assert len(runs) == 1
+
+
+@pytest.mark.slow
+def test_thirty_percent_client_failures_still_complete(tmp_path: Path) -> None:
+    project = _prepared(tmp_path / "faulty", federation={"rounds": 4, "sample_fraction": 1.0}, faults={"client_failure_rate": 0.3})
+    _cli(project, "federate")
+    client, run_id = _mlflow_run(project)
+    failed = client.get_metric_history(run_id, "clients/failed")
+    succeeded = client.get_metric_history(run_id, "clients/succeeded")
+    assert len(failed) == len(succeeded) == 4
+    assert all(m.value >= 1 for m in succeeded)
+    run = client.get_run(run_id)
+    assert run.data.params["faults.client_failure_rate"] == "0.3"
+
+
+@pytest.mark.slow
+def test_all_clients_failing_stops_with_a_clear_error_and_keeps_old_outputs(tmp_path: Path) -> None:
+    project = _prepared(tmp_path / "broken", federation={"rounds": 2})
+    _cli(project, "federate")
+    metrics = project / "outputs/federate/metrics.json"
+    before = hashlib.sha256(metrics.read_bytes()).hexdigest()
+    proc = _cli(project, "federate", "-S", "faults.client_failure_rate=1.0", "-S", "runner.retries=0", check=False)
+    assert proc.returncode != 0
+    assert "federation.min_clients" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert hashlib.sha256(metrics.read_bytes()).hexdigest() == before
+
+
+# ---- bad input: one line naming the field or file, non-zero exit, no traceback ----------------
+
+BAD_PARAMS = [
+    ({"federaton": {"rounds": 2}}, "federaton"),
+    ({"federation": {"lr": "fast"}}, "federation.lr"),
+    ({"clients": {"ranks": [0, 4, 2, 2]}}, "clients.ranks"),
+    ({"clients": {"ranks": [-4, 4, 2, 2]}}, "clients.ranks"),
+    ({"clients": {"ranks": [64, 4, 2, 2]}}, "exceeds the width"),
+    ({"clients": {"num_clients": 500, "ranks": [2]}}, "num_clients"),
+    ({"missing": {"rate": -0.1}}, "missing.rate"),
+    ({"aggregation": {"method": "fedsgd"}}, "aggregation.method"),
+    ({"aggregation": {"method": "fedavg"}}, "fedavg needs equal ranks"),
+    ({"missing": {"pattern": "audio"}}, "missing.pattern"),
+    ({"clients": {"partition": "dirichlet", "dirichlet_alpha": 0}}, "clients.dirichlet_alpha"),
+    ({"tracking": {"uri": "/proc/fedilora-mlruns"}}, "tracking.uri"),
+]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    return _prepared(tmp_path_factory.mktemp("bad"))
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, expected: str) -> None:
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert expected in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((root / "data").rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("change, expected", BAD_PARAMS)
+def test_bad_params_give_one_clear_line(prepared: Path, change: dict, expected: str) -> None:
+    params = yaml.safe_load((prepared / "params.yaml").read_text())
+    for section, values in change.items():
+        params[section] = {**params.get(section, {}), **values} if section in params else values
+    bad = prepared / "bad_params.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    before = _snapshot(prepared)
+    command = "split" if "num_clients" in expected or "dirichlet" in expected else "federate"
+    _one_line_error(_cli(prepared, command, "--params", str(bad), check=False), expected)
+    assert _snapshot(prepared) == before
+
+
+@pytest.mark.parametrize(
+    "mutate, command, expected",
+    [
+        ("empty_dataset", "prepare", "dataset"),
+        ("corrupt_features", "split", "features.safetensors"),
+        ("corrupt_splits", "federate", "splits.parquet"),
+        ("missing_params", "federate", "nope.yaml"),
+        ("bad_override", "federate", "KEY=VALUE"),
+    ],
+)
+def test_bad_files_give_one_clear_line(tmp_path: Path, prepared: Path, mutate: str, command: str, expected: str) -> None:
+    project = tmp_path / "p"
+    shutil.copytree(prepared, project, ignore=shutil.ignore_patterns(".prefect", "mlruns"))
+    args = [command]
+    if mutate == "empty_dataset":
+        shutil.rmtree(project / "dataset")
+        (project / "dataset").mkdir()
+    elif mutate == "corrupt_features":
+        (project / "data/features.safetensors").write_bytes(b"not a safetensors file")
+    elif mutate == "corrupt_splits":
+        (project / "data/splits.parquet").write_bytes(b"PAR1 garbage")
+    elif mutate == "missing_params":
+        args += ["--params", "nope.yaml"]
+    elif mutate == "bad_override":
+        args += ["-S", "federation.rounds"]
+    _one_line_error(_cli(project, *args, check=False), expected)
+
+
+def test_unreachable_prefect_server_is_named(prepared: Path) -> None:
+    env = _env(prepared) | {"PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    proc = subprocess.run([str(BIN / "fedilora"), "federate"], cwd=prepared, env=env, capture_output=True, text=True, timeout=120)
+    _one_line_error(proc, "PREFECT_API_URL=http://127.0.0.1:9/api")
+
+
+def test_debug_shows_the_traceback(prepared: Path) -> None:
+    proc = _cli(prepared, "federate", "--debug", "-S", "aggregation.method=nope", check=False)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
