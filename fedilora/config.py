@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Pattern = Literal["image", "text", "both"]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -30,6 +30,15 @@ class DataConfig(_Section):
     image_size: PositiveInt = 224
     max_text_length: PositiveInt = 32
     test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+
+    @field_validator("root")
+    @classmethod
+    def _root_stays_inside(cls, root: Path) -> Path:
+        """A relative data root may not climb out of the project with '..' (an absolute one
+        is an explicit choice): stages delete and rewrite what is under it."""
+        if not root.is_absolute() and ".." in root.parts:
+            raise ValueError(f"relative path {str(root)!r} escapes the project directory; use a path inside it or an absolute path")
+        return root
 
 
 class ClientsConfig(_Section):

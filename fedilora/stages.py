@@ -3,13 +3,18 @@ client splits. Paths all derive from ``data.root`` so DVC can declare them as ou
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
+import PIL.Image
+
 from fedilora.config import Params
 from fedilora.data import (
+    DatasetError,
     build_emoji_dataset,
     load_dataset_dir,
     make_splits,
@@ -73,13 +78,26 @@ def texts_of(ds, text_field: str) -> list[str]:
     return [sample_text(n, k, text_field) for n, k in zip(ds["name"], ds["keywords"])]
 
 
+def decoded_images(ds, source: str) -> list:
+    """Every image decoded up front, so a broken one is reported by its row, not deep in torch."""
+    column = ds.cast_column("image", datasets.Image(decode=False))["image"]
+    images = []
+    for row, item in enumerate(column):
+        try:
+            with PIL.Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as img:
+                images.append(img.convert("RGB"))
+        except (OSError, ValueError, TypeError) as err:
+            raise DatasetError(f"{source}: the image of row {row} does not decode ({err})") from None
+    return images
+
+
 def prepare(params: Params) -> FeatureTable:
     """Dataset → tokens + frozen image features, cached as one safetensors file."""
     paths = DataPaths.of(params)
     ds = load_source(params, paths)
     table = encode(
         texts_of(ds, params.data.text_field),
-        list(ds["image"]),
+        decoded_images(ds, paths.source),
         list(ds["label"]),
         load_tokenizer(),
         load_image_encoder(params.model.name, params.data.image_size),

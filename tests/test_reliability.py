@@ -136,6 +136,7 @@ BAD_PARAMS = [
     ({"missing": {"pattern": "audio"}}, "missing.pattern"),
     ({"clients": {"partition": "dirichlet", "dirichlet_alpha": 0}}, "clients.dirichlet_alpha"),
     ({"tracking": {"uri": "/proc/fedilora-mlruns"}}, "tracking.uri"),
+    ({"data": {"root": "../../outside"}}, "data.root"),
 ]
 
 
@@ -177,6 +178,9 @@ def test_bad_params_give_one_clear_line(prepared: Path, change: dict, expected: 
         ("corrupt_splits", "federate", "splits.parquet"),
         ("missing_params", "federate", "nope.yaml"),
         ("bad_override", "federate", "KEY=VALUE"),
+        ("undecodable_image", "prepare", "row 3 does not decode"),
+        ("label_out_of_range", "prepare", "label"),
+        ("empty_texts", "prepare", "empty"),
     ],
 )
 def test_bad_files_give_one_clear_line(tmp_path: Path, prepared: Path, mutate: str, command: str, expected: str) -> None:
@@ -194,7 +198,29 @@ def test_bad_files_give_one_clear_line(tmp_path: Path, prepared: Path, mutate: s
         args += ["--params", "nope.yaml"]
     elif mutate == "bad_override":
         args += ["-S", "federation.rounds"]
+    else:
+        _rewrite_dataset(project / "dataset", mutate)
     _one_line_error(_cli(project, *args, check=False), expected)
+
+
+def _rewrite_dataset(path: Path, mutate: str) -> None:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path)).cast_column("image", datasets.Image(decode=False))
+    rows = ds.to_dict()
+    if mutate == "undecodable_image":
+        rows["image"][3] = {"bytes": b"\x89PNG broken", "path": None}
+    elif mutate == "label_out_of_range":
+        rows["label"][0] = 7
+    elif mutate == "empty_texts":
+        rows["name"] = [""] * len(rows["name"])
+        rows["keywords"] = [""] * len(rows["keywords"])
+    features = ds.features.copy()
+    if mutate == "label_out_of_range":
+        features["label"] = datasets.Value("int64")
+    out = datasets.Dataset.from_dict(rows, features=features)
+    shutil.rmtree(path)
+    out.save_to_disk(str(path))
 
 
 def test_unreachable_prefect_server_is_named(prepared: Path) -> None:
