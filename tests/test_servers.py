@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def prefect_env(home: Path, port: int) -> dict[str, str]:
         PREFECT_SERVER_API_HOST=HOST,
         PREFECT_SERVER_API_PORT=str(port),
         PREFECT_SERVER_LOGGING_LEVEL="WARNING",
+        PREFECT_API_LOG_RETRYABLE_ERRORS="true",  # a 503's cause goes to the server log
         PREFECT_RUNNER_POLL_FREQUENCY="2",  # `serve` picks up a triggered run within 2 s (default 10)
     )
 
@@ -133,6 +135,22 @@ def http_ok(url: str) -> bool:
     return requests.get(url, timeout=5).status_code == 200
 
 
+def request(method: str, url: str, *, attempts: int = 8, **kwargs) -> requests.Response:
+    """An HTTP call retried on 503 and dropped connections, as Prefect's own client does: the
+    SQLite-backed server answers 503 while its database is busy (here: loop services on 2 cores)."""
+    kwargs.setdefault("timeout", 15)
+    for attempt in range(attempts):
+        try:
+            resp = requests.request(method, url, **kwargs)
+            if resp.status_code not in (502, 503) or attempt == attempts - 1:
+                return resp
+        except (requests.ConnectionError, requests.Timeout):
+            if attempt == attempts - 1:
+                raise
+        time.sleep(min(0.5 * 2**attempt, 5))
+    raise AssertionError("unreachable")
+
+
 def start_prefect_server(home: Path, port: int, *, ui: bool = True, timeout: float = 90) -> Server:
     home.mkdir(parents=True, exist_ok=True)
     cmd = [str(BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(port)]
@@ -178,21 +196,21 @@ def prefect_api(port: int) -> str:
 
 def find_deployment(port: int, name: str = DEPLOYMENT) -> dict | None:
     flow_name, _, deployment_name = name.partition("/")
-    resp = requests.get(f"{prefect_api(port)}/deployments/name/{flow_name}/{deployment_name}", timeout=10)
+    resp = request("GET", f"{prefect_api(port)}/deployments/name/{flow_name}/{deployment_name}")
     return resp.json() if resp.status_code == 200 else None
 
 
 def trigger_run(port: int, deployment_id: str, parameters: dict | None = None) -> dict:
     """What the UI's 'Run' button does: a flow run from the deployment, its parameters merged in."""
-    resp = requests.post(f"{prefect_api(port)}/deployments/{deployment_id}/create_flow_run",
-                         json={"parameters": parameters or {}}, timeout=10)
+    body = {"parameters": parameters or {}, "idempotency_key": uuid.uuid4().hex}  # retries make one run
+    resp = request("POST", f"{prefect_api(port)}/deployments/{deployment_id}/create_flow_run", json=body)
     resp.raise_for_status()
     return resp.json()
 
 
 def wait_final_state(port: int, flow_run_id: str, timeout: float, servers: tuple[Server, ...] = ()) -> dict:
     def final():
-        run = requests.get(f"{prefect_api(port)}/flow_runs/{flow_run_id}", timeout=10).json()
+        run = request("GET", f"{prefect_api(port)}/flow_runs/{flow_run_id}").json()
         return run if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
     return wait_until(final, timeout, f"flow run {flow_run_id} to finish", servers=servers, interval=1.0)
@@ -224,7 +242,7 @@ def project(prepared: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def servers(request) -> Iterator[list[Server]]:
+def servers() -> Iterator[list[Server]]:
     """Started servers go here; all are stopped (process groups killed) whatever the test did."""
     started: list[Server] = []
     yield started
@@ -262,15 +280,15 @@ def test_served_deployment_runs_from_the_api(project: Path, tmp_path: Path, serv
     assert 0.0 <= metrics["global_accuracy"] <= 1.0
     assert (project / "outputs/federate/adapters/global").is_dir()
     # the flow's task runs were reported to the server too
-    tasks = requests.post(f"{prefect_api(port)}/task_runs/filter",
-                          json={"flow_runs": {"id": {"any_": [run["id"]]}}}, timeout=10).json()
+    tasks = request("POST", f"{prefect_api(port)}/task_runs/filter",
+                    json={"flow_runs": {"id": {"any_": [run["id"]]}}}).json()
     names = {t["name"].rsplit("-", 1)[0] for t in tasks}  # "train_client-e75"
     assert {"train_client", "aggregate", "evaluate_global"} <= names
     assert all(t["state_type"] == "COMPLETED" for t in tasks)
 
 
 def _mlflow(port: int, method: str, endpoint: str, **kwargs) -> dict:
-    resp = requests.request(method, f"http://{HOST}:{port}/api/2.0/mlflow/{endpoint}", timeout=15, **kwargs)
+    resp = request(method, f"http://{HOST}:{port}/api/2.0/mlflow/{endpoint}", **kwargs)
     assert resp.status_code == 200, f"{endpoint}: {resp.status_code} {resp.text[:500]}"
     return resp.json()
 
@@ -316,9 +334,9 @@ def test_mlflow_server_reads_the_store_and_takes_http_runs(project: Path, tmp_pa
 
     # A run that logs through the server: a new experiment, so its artifacts go through the proxy.
     url = f"http://{HOST}:{port}"
-    out = fedilora(["federate", "--params", "params.yaml", "-S", f"tracking.uri={url}", "-S",
-                    "tracking.experiment=served", "-S", "aggregation.method=hetlora", "-S", "editing.enabled=false", "--out", "outputs/served"],
-                   cwd=project, env=env)
+    out = fedilora(["federate", "--params", "params.yaml", "-S", f"tracking.uri={url}",
+                    "-S", "tracking.experiment=served", "-S", "aggregation.method=hetlora",
+                    "-S", "editing.enabled=false", "--out", "outputs/served"], cwd=project, env=env)
     # stdout: MLflow's "View run ... at: http://..." lines, then the final metrics with the run id
     assert f"View run hetlora at: {url}/#/experiments/" in out
     served = json.loads(out[out.index("\n{") + 1:])
