@@ -9,7 +9,8 @@ once for all of them.
 
 Memory: ``fedavg``, ``hetlora`` and ``fedilora`` are one rule -- a weighted sum of
 zero-padded factors with a (clients x rank) weight matrix -- computed by accumulating
-each client into the output through slices (``out[:r_k] += W[k, :r_k, None] * A_k``).
+each client into the output through slices (``out[:r_k].addcmul_(W[k, :r_k, None], A_k)``,
+a fused in-place multiply-add, so not even a per-client temporary is allocated).
 That loops over clients (K is small) but never builds the zero-padded stack of all
 clients the einsum formulation implies, so the extra memory is one global state.
 ``flexlora`` never forms the dense ``d_out x d_in`` update either: the SVD of the
@@ -134,19 +135,22 @@ def _check_shapes(states: Sequence[State], ranks: Sequence[int]) -> None:
     ref = states[0]
     for key in ref:
         ref_shape = tuple(ref[key].shape)
+        if not (is_lora_a(key) or is_lora_b(key)):
+            for k, state in enumerate(states):
+                got = state[key].shape  # torch.Size is a tuple: compared as one
+                if got != ref_shape:
+                    raise _shape_error(key, k, ref_shape, tuple(got), "as client 0")
+            continue
+        rank_dim = 0 if is_lora_a(key) else 1
         for k, (state, r) in enumerate(zip(states, ranks)):
-            got = tuple(state[key].shape)
-            if is_lora_a(key) or is_lora_b(key):
-                if len(got) != 2:
-                    raise _shape_error(key, k, (-1, -1), got, "LoRA factors must be 2-D")
-                rank_dim = 0 if is_lora_a(key) else 1
-                expected = list(ref_shape)  # client 0 passed the 2-D check first
-                expected[rank_dim] = r
+            got = state[key].shape
+            if len(got) != 2:
+                raise _shape_error(key, k, (-1, -1), tuple(got), "LoRA factors must be 2-D")
+            # client 0 passed the 2-D check first, so ref_shape has two dims here
+            expected = (r, ref_shape[1]) if rank_dim == 0 else (ref_shape[0], r)
+            if got != expected:
                 why = f"declared rank {r}" + (", other dim as client 0" if k else "")
-            else:
-                expected, why = list(ref_shape), "as client 0"
-            if got != tuple(expected):
-                raise _shape_error(key, k, tuple(expected), got, why)
+                raise _shape_error(key, k, expected, tuple(got), why)
 
 
 def _weights(num_samples: Sequence[int]) -> Tensor:
@@ -176,14 +180,17 @@ def _padded_sum(states: Sequence[State], ranks: Sequence[int], weights: Tensor) 
     """
     r_max = max(ranks)
     w = weights.to(torch.float32)
+    rows = [w[k, :r, None] for k, r in enumerate(ranks)]  # per-client weight views, sliced once
+    cols = [w[k, None, :r] for k, r in enumerate(ranks)]
     out: State = {}
     for a_key in _a_keys(states[0]):
         bk = b_key(a_key)
         a = torch.zeros(r_max, states[0][a_key].shape[1], dtype=torch.float32)
         b = torch.zeros(states[0][bk].shape[0], r_max, dtype=torch.float32)
-        for k, (state, r) in enumerate(zip(states, ranks)):
-            a[:r] += w[k, :r, None] * state[a_key].float()
-            b[:, :r] += state[bk].float() * w[k, None, :r]
+        for state, r, w_row, w_col in zip(states, ranks, rows, cols):
+            # fused multiply-add in place: one pass over the client tensor, no temporary
+            a[:r].addcmul_(w_row, state[a_key].float())
+            b[:, :r].addcmul_(state[bk].float(), w_col)
         out[a_key], out[bk] = a, b
     return out
 

@@ -157,3 +157,16 @@ def test_a_few_local_steps_beat_chance() -> None:
     after = evaluate(model, table, data)["accuracy"]
     assert after > 0.6 > 1 / 3  # chance is one third
     assert after > before
+
+
+def test_length_bucketed_batches_cover_every_sample_once_and_group_lengths() -> None:
+    from fedilora.training import length_bucketed_batches
+
+    lengths = torch.randint(1, 30, (103,), generator=torch.Generator().manual_seed(0))
+    batches = length_bucketed_batches(lengths, 8, torch.Generator().manual_seed(1))
+    assert sorted(torch.cat(batches).tolist()) == list(range(103))
+    assert all(len(b) <= 8 for b in batches)
+    again = length_bucketed_batches(lengths, 8, torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+    spread = sum(int(lengths[b].max() - lengths[b].min()) for b in batches) / len(batches)
+    assert spread < 10  # random batches of 8 from 1..29 spread ~20
