@@ -136,11 +136,14 @@ class TrackingConfig(_Section):
 
 
 class RunnerConfig(_Section):
-    """How Prefect runs client tasks."""
+    """How Prefect runs client tasks: threads in this process, or a Dask cluster (a local one
+    with ``n_workers`` processes on 127.0.0.1, or an existing one at ``address``)."""
 
     task_runner: Literal["threads", "dask", "sequential"] = "threads"
     max_workers: PositiveInt = 4
     retries: Annotated[int, Field(ge=0)] = 2
+    address: str | None = None
+    n_workers: PositiveInt = 2
 
 
 class CompareConfig(_Section):

@@ -26,7 +26,24 @@ log = logging.getLogger("fedilora")
 
 
 def task_runner(params: Params):
-    workers = 1 if params.runner.task_runner == "sequential" else params.runner.max_workers
+    """The Prefect task runner from ``runner.*``. Each Dask worker process loads the base model
+    once (tasks.runtime) and keeps it; only adapter states travel."""
+    runner = params.runner
+    if runner.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if runner.address:
+            return DaskTaskRunner(address=runner.address)
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": runner.n_workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "host": "127.0.0.1",
+                "dashboard_address": None,
+            }
+        )
+    workers = 1 if runner.task_runner == "sequential" else runner.max_workers
     return ThreadPoolTaskRunner(max_workers=workers)
 
 
@@ -52,7 +69,9 @@ def _train_round(params: Params, clients: list[int], state, round_idx: int) -> l
     """Map ``train_client`` over the sampled clients; a client that still fails after its
     retries is dropped from the round, which goes on if ``federation.min_clients`` succeeded."""
     trainer = train_client.with_options(retries=params.runner.retries)
-    futures = trainer.map(unmapped(params), clients, unmapped(state), unmapped(round_idx))
+    fed = federation(params)
+    base = fed.base_weights() if fed.strategy.fresh_clients else None  # FLoRA's merges travel too
+    futures = trainer.map(unmapped(params), clients, unmapped(state), unmapped(round_idx), unmapped(base))
     updates, failed = [], []
     for client, future in zip(clients, futures):
         try:

@@ -23,10 +23,18 @@ def inject_fault(params: Params, client: int, round_idx: int, attempt: int) -> N
 
 
 @task(name="train_client", cache_policy=NONE, retries=2, retry_delay_seconds=0)
-def train_client(params: Params, client: int, global_state: State, round_idx: int) -> ClientUpdate:
-    """Local training, FediLoRA editing and the client's personalized evaluation."""
+def train_client(
+    params: Params, client: int, global_state: State, round_idx: int, base_weights: State | None = None
+) -> ClientUpdate:
+    """Local training, FediLoRA editing and the client's personalized evaluation.
+
+    ``base_weights`` (FLoRA only) are the adapted layers' weights with the merges so far, so a
+    worker in another process trains on the same base as the server."""
     inject_fault(params, client, round_idx, task_run.run_count or 1)
-    return federation(params).client_update(client, global_state, round_idx)
+    fed = federation(params)
+    if base_weights is not None:
+        fed.set_base_weights(base_weights)
+    return fed.client_update(client, global_state, round_idx)
 
 
 @task(name="aggregate", cache_policy=NONE)

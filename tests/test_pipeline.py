@@ -140,3 +140,14 @@ def test_prefect_flow_runs_are_recorded_completed(project: Path) -> None:
     assert "('federated_training', 'COMPLETED')" in out
     assert "('compare_methods', 'COMPLETED')" in out
     assert "FAILED" not in out
+
+
+@pytest.mark.slow
+def test_dvc_experiment_compares_methods(project: Path) -> None:
+    _run(["dvc", "exp", "run", "-S", "aggregation.method=hetlora", "-S", "editing.enabled=false", "-n", "het"], project)
+    proc = subprocess.run(["dvc", "exp", "show", "--json"], cwd=project, env=_env(project), capture_output=True, text=True, timeout=120)
+    text = json.dumps(json.loads(proc.stdout))
+    assert '"het"' in text and "hetlora" in text
+    assert "global_accuracy" in text
+    # the workspace itself is left as it was
+    assert json.loads(_run(["dvc", "status", "--json"], project)) == {}
