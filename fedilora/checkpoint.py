@@ -16,7 +16,6 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from fedilora.editing import EditRecord
@@ -128,6 +127,3 @@ def load(directory: Path) -> Checkpoint | None:
     except Exception as err:  # safetensors, json and missing files raise different types
         raise ValueError(f"{directory}: damaged checkpoint ({err}); delete it to start the run afresh") from None
 
-
-def as_tensors(weights: dict[str, torch.Tensor]) -> State:
-    return {k: w.detach().clone() for k, w in weights.items()}

@@ -28,7 +28,7 @@ class DataConfig(_Section):
     root: Path = Path("data")
     text_field: Literal["name", "keywords", "both"] = "keywords"
     image_size: PositiveInt = 224
-    max_text_length: PositiveInt = 32
+    max_text_length: PositiveInt = 24
     test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
 
     @field_validator("root")
@@ -98,7 +98,7 @@ class FederationConfig(_Section):
     sample_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.4
     local_epochs: PositiveInt = 1
     batch_size: PositiveInt = 32
-    lr: Annotated[float, Field(gt=0.0)] = 3e-4
+    lr: Annotated[float, Field(gt=0.0)] = 2e-3
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     min_clients: PositiveInt = 1  # a round with fewer successful clients stops the run
 

@@ -122,7 +122,9 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 def _fmt(value) -> str:
     if isinstance(value, float):
-        return "—" if math.isnan(value) else f"{value:.3f}"
+        if math.isnan(value):
+            return "—"
+        return str(int(value)) if value.is_integer() and value > 1 else f"{value:.3f}"
     return str(value)
 
 
