@@ -127,3 +127,20 @@ def load(directory: Path) -> Checkpoint | None:
     except Exception as err:  # safetensors, json and missing files raise different types
         raise ValueError(f"{directory}: damaged checkpoint ({err}); delete it to start the run afresh") from None
 
+
+def check_shapes(ckpt: Checkpoint, reference: State, directory: Path) -> None:
+    """A checkpoint's adapters must fit the model: the same keys, and the same shapes but for
+    the rank dimension (which varies with the method and the clients)."""
+    files = {"global.safetensors": ckpt.global_state}
+    files.update({f"client_{c}.safetensors": s for c, s in ckpt.personal.items()})
+    for name, state in files.items():
+        if set(state) != set(reference):
+            odd = sorted(set(state) ^ set(reference))[:3]
+            raise ValueError(f"{Path(directory) / name}: keys do not match the model (e.g. {odd})")
+        for key, tensor in state.items():
+            want = tuple(reference[key].shape)
+            got = tuple(tensor.shape)
+            fixed = (lambda s: s[1:]) if "lora_A." in key else (lambda s: s[:1]) if "lora_B." in key else (lambda s: s)
+            if len(got) != len(want) or fixed(got) != fixed(want):
+                raise ValueError(f"{Path(directory) / name}: {key} has shape {got}, expected {want} (up to the rank)")
+

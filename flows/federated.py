@@ -107,6 +107,7 @@ def run_rounds(params: Params, out_dir: Path, variant: str, *, nested: bool = Fa
     personal: dict[int, dict] = {}
     run_id = None
     if ckpt is not None:
+        checkpoint.check_shapes(ckpt, state, ckpt_dir)
         state, personal, results, run_id = ckpt.global_state, ckpt.personal, ckpt.results, ckpt.run_id
         if ckpt.base_weights is not None:
             fed.set_base_weights(ckpt.base_weights)

@@ -223,6 +223,33 @@ def _rewrite_dataset(path: Path, mutate: str) -> None:
     out.save_to_disk(str(path))
 
 
+@pytest.mark.parametrize("tamper, expected", [("shape", "has shape"), ("keys", "keys do not match")])
+def test_adapter_file_with_wrong_shapes_or_keys_is_named(tmp_path: Path, prepared: Path, tamper: str, expected: str) -> None:
+    """A checkpointed adapter that does not fit the model stops the resume, naming the file."""
+    from safetensors.torch import save_file
+
+    project = tmp_path / "p"
+    shutil.copytree(prepared, project, ignore=shutil.ignore_patterns(".prefect", "mlruns"))
+    _cli(project, "federate", "-S", "federation.rounds=3", "-S", "faults.client_failure_rate=0.0")
+    # fake an interrupted run: a checkpoint after round 1 whose global adapter was tampered with
+    from fedilora import checkpoint
+    from fedilora.config import load_params
+
+    params = load_params(project / "params.yaml", {"federation.rounds": 3, "faults.client_failure_rate": 0.0})
+    adapter = load_file(str(project / "outputs/federate/adapters/global/adapter_model.safetensors"))
+    state = dict(adapter)
+    key = next(k for k in state if "lora_A." in k)
+    if tamper == "shape":
+        state[key] = torch.zeros(state[key].shape[0], state[key].shape[1] + 1)
+    else:
+        state["base_model.model.unexpected.weight"] = torch.zeros(1)
+    ckpt = checkpoint.Checkpoint(1, "0" * 32, checkpoint.params_hash(params.model_dump_json()), state, {}, None, [])
+    checkpoint.save(project / "outputs/federate/checkpoint", ckpt)
+    proc = _cli(project, "federate", "-S", "federation.rounds=3", "-S", "faults.client_failure_rate=0.0", check=False)
+    _one_line_error(proc, expected)
+    assert "global.safetensors" in proc.stderr
+
+
 def test_unreachable_prefect_server_is_named(prepared: Path) -> None:
     env = _env(prepared) | {"PREFECT_API_URL": "http://127.0.0.1:9/api"}
     proc = subprocess.run([str(BIN / "fedilora"), "federate"], cwd=prepared, env=env, capture_output=True, text=True, timeout=120)
