@@ -10,7 +10,6 @@ Needs `fedilora prepare` and `fedilora split` (or `dvc repro`) to have run.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 

@@ -172,9 +172,9 @@ class Federation:
         """Local training from the global share, then FediLoRA's editing, then personal evaluation."""
         p = self.params
         rank = self.ranks[client]
-        share = self.share_for(global_state, client, round_idx)
         seed = derive_seed(p.seed, round_idx, client, 1)
-        with self._lock:
+        with self._lock:  # slots may be created (fresh_state) and are swapped: one client at a time
+            share = self.share_for(global_state, client, round_idx)
             slot = self._slot(rank, p.lora.alpha_for(rank))
             adapters.load_state(self.model, slot, share)
             adapters.activate(self.model, slot)

@@ -4,37 +4,24 @@ same result as the threaded run: workers load the base model themselves, adapter
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny_project import write_project
-
-BIN = Path(sys.executable).parent
-
-
-def _cli(project: Path, *args: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PREFECT_HOME=str(project / ".prefect"))
-    proc = subprocess.run([str(BIN / "fedilora"), *args], cwd=project, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
+from tiny_project import run_cli, write_project
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["fedilora", "flora"])
 def test_dask_cluster_matches_threads(tmp_path: Path, method: str) -> None:
     project = tmp_path / "p"
     write_project(project, federation={"rounds": 3, "sample_fraction": 0.5, "batch_size": 8, "lr": 0.01})
-    _cli(project, "prepare")
-    _cli(project, "split")
+    run_cli(project, "prepare")
+    run_cli(project, "split")
     common = ["-S", f"aggregation.method={method}"]
-    _cli(project, "federate", *common, "--out", "outputs/threads")
-    _cli(project, "federate", *common, "-S", "runner.task_runner=dask", "-S", "runner.n_workers=2", "--out", "outputs/dask")
+    run_cli(project, "federate", *common, "--out", "outputs/threads")
+    run_cli(project, "federate", *common, "-S", "runner.task_runner=dask", "-S", "runner.n_workers=2", "--out", "outputs/dask")
     threads = json.loads((project / "outputs/threads/metrics.json").read_text())
     dask = json.loads((project / "outputs/dask/metrics.json").read_text())
     assert dask == pytest.approx(threads, abs=1e-6)

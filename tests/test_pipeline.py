@@ -5,7 +5,6 @@ and the Prefect flow run."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,25 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_project import write_project
+from tiny_project import project_env, write_project
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 
 def _env(project: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        PREFECT_HOME=str(project / ".prefect"),
-        PREFECT_API_URL="",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        DO_NOT_TRACK="1",
-        MLFLOW_DISABLE_TELEMETRY="true",
-        GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com",
+    return project_env(
+        project, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com"
     )
-    env.pop("PREFECT_API_URL")
-    return env
 
 
 def _run(cmd: list[str], project: Path) -> str:

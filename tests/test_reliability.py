@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,31 +16,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tiny_project import write_project
+from tiny_project import BIN, project_env, run_cli, write_project
 
-BIN = Path(sys.executable).parent
 SLOW_TINY = {"rounds": 8, "sample_fraction": 1.0, "batch_size": 4, "lr": 0.01}
-
-
-def _env(project: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PREFECT_HOME=str(project / ".prefect"))
-    return env
-
-
-def _cli(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [str(BIN / "fedilora"), *args], cwd=project, env=_env(project), capture_output=True, text=True, timeout=600
-    )
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def _prepared(root: Path, **sections) -> Path:
     write_project(root, **sections)
-    _cli(root, "prepare")
-    _cli(root, "split")
+    run_cli(root, "prepare")
+    run_cli(root, "split")
     return root
 
 
@@ -56,12 +39,12 @@ def _mlflow_run(project: Path):
 @pytest.mark.slow
 def test_kill_9_mid_round_then_rerun_resumes_with_identical_results(tmp_path: Path) -> None:
     reference = _prepared(tmp_path / "reference", federation=SLOW_TINY)
-    _cli(reference, "federate")
+    run_cli(reference, "federate")
 
     project = _prepared(tmp_path / "killed", federation=SLOW_TINY)
     meta = project / "outputs/federate/checkpoint/meta.json"
     proc = subprocess.Popen(
-        [str(BIN / "fedilora"), "federate"], cwd=project, env=_env(project),
+        [str(BIN / "fedilora"), "federate"], cwd=project, env=project_env(project),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     deadline = time.monotonic() + 300
@@ -76,7 +59,7 @@ def test_kill_9_mid_round_then_rerun_resumes_with_identical_results(tmp_path: Pa
     assert 2 <= saved["round"] < SLOW_TINY["rounds"]
     assert not (project / "outputs/federate/metrics.json").exists()
 
-    _cli(project, "federate")
+    run_cli(project, "federate")
     assert not meta.exists()  # a finished run leaves no checkpoint behind
     assert json.loads((project / "outputs/federate/metrics.json").read_text()) == json.loads(
         (reference / "outputs/federate/metrics.json").read_text()
@@ -98,7 +81,7 @@ def test_kill_9_mid_round_then_rerun_resumes_with_identical_results(tmp_path: Pa
 @pytest.mark.slow
 def test_thirty_percent_client_failures_still_complete(tmp_path: Path) -> None:
     project = _prepared(tmp_path / "faulty", federation={"rounds": 4, "sample_fraction": 1.0}, faults={"client_failure_rate": 0.3})
-    _cli(project, "federate")
+    run_cli(project, "federate")
     client, run_id = _mlflow_run(project)
     failed = client.get_metric_history(run_id, "clients/failed")
     succeeded = client.get_metric_history(run_id, "clients/succeeded")
@@ -111,10 +94,10 @@ def test_thirty_percent_client_failures_still_complete(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_all_clients_failing_stops_with_a_clear_error_and_keeps_old_outputs(tmp_path: Path) -> None:
     project = _prepared(tmp_path / "broken", federation={"rounds": 2})
-    _cli(project, "federate")
+    run_cli(project, "federate")
     metrics = project / "outputs/federate/metrics.json"
     before = hashlib.sha256(metrics.read_bytes()).hexdigest()
-    proc = _cli(project, "federate", "-S", "faults.client_failure_rate=1.0", "-S", "runner.retries=0", check=False)
+    proc = run_cli(project, "federate", "-S", "faults.client_failure_rate=1.0", "-S", "runner.retries=0", check=False)
     assert proc.returncode != 0
     assert "federation.min_clients" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -166,7 +149,7 @@ def test_bad_params_give_one_clear_line(prepared: Path, change: dict, expected: 
     bad.write_text(yaml.safe_dump(params))
     before = _snapshot(prepared)
     command = "split" if "num_clients" in expected or "dirichlet" in expected else "federate"
-    _one_line_error(_cli(prepared, command, "--params", str(bad), check=False), expected)
+    _one_line_error(run_cli(prepared, command, "--params", str(bad), check=False), expected)
     assert _snapshot(prepared) == before
 
 
@@ -200,7 +183,7 @@ def test_bad_files_give_one_clear_line(tmp_path: Path, prepared: Path, mutate: s
         args += ["-S", "federation.rounds"]
     else:
         _rewrite_dataset(project / "dataset", mutate)
-    _one_line_error(_cli(project, *args, check=False), expected)
+    _one_line_error(run_cli(project, *args, check=False), expected)
 
 
 def _rewrite_dataset(path: Path, mutate: str) -> None:
@@ -226,11 +209,10 @@ def _rewrite_dataset(path: Path, mutate: str) -> None:
 @pytest.mark.parametrize("tamper, expected", [("shape", "has shape"), ("keys", "keys do not match")])
 def test_adapter_file_with_wrong_shapes_or_keys_is_named(tmp_path: Path, prepared: Path, tamper: str, expected: str) -> None:
     """A checkpointed adapter that does not fit the model stops the resume, naming the file."""
-    from safetensors.torch import save_file
 
     project = tmp_path / "p"
     shutil.copytree(prepared, project, ignore=shutil.ignore_patterns(".prefect", "mlruns"))
-    _cli(project, "federate", "-S", "federation.rounds=3", "-S", "faults.client_failure_rate=0.0")
+    run_cli(project, "federate", "-S", "federation.rounds=3", "-S", "faults.client_failure_rate=0.0")
     # fake an interrupted run: a checkpoint after round 1 whose global adapter was tampered with
     from fedilora import checkpoint
     from fedilora.config import load_params
@@ -245,17 +227,17 @@ def test_adapter_file_with_wrong_shapes_or_keys_is_named(tmp_path: Path, prepare
         state["base_model.model.unexpected.weight"] = torch.zeros(1)
     ckpt = checkpoint.Checkpoint(1, "0" * 32, checkpoint.params_hash(params.model_dump_json()), state, {}, None, [])
     checkpoint.save(project / "outputs/federate/checkpoint", ckpt)
-    proc = _cli(project, "federate", "-S", "federation.rounds=3", "-S", "faults.client_failure_rate=0.0", check=False)
+    proc = run_cli(project, "federate", "-S", "federation.rounds=3", "-S", "faults.client_failure_rate=0.0", check=False)
     _one_line_error(proc, expected)
     assert "global.safetensors" in proc.stderr
 
 
 def test_unreachable_prefect_server_is_named(prepared: Path) -> None:
-    env = _env(prepared) | {"PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    env = project_env(prepared) | {"PREFECT_API_URL": "http://127.0.0.1:9/api"}
     proc = subprocess.run([str(BIN / "fedilora"), "federate"], cwd=prepared, env=env, capture_output=True, text=True, timeout=120)
     _one_line_error(proc, "PREFECT_API_URL=http://127.0.0.1:9/api")
 
 
 def test_debug_shows_the_traceback(prepared: Path) -> None:
-    proc = _cli(prepared, "federate", "--debug", "-S", "aggregation.method=nope", check=False)
+    proc = run_cli(prepared, "federate", "--debug", "-S", "aggregation.method=nope", check=False)
     assert proc.returncode != 0 and "Traceback" in proc.stderr

@@ -3,6 +3,9 @@ give the label) and a params file for the tiny model, so a whole run takes secon
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -63,3 +66,32 @@ def write_project(root: Path, **sections) -> Path:
     full = Params.model_validate(tiny_params(**sections)).model_dump(mode="json")  # DVC wants every key
     path.write_text(yaml.safe_dump(full, sort_keys=False))
     return path
+
+
+BIN = Path(sys.executable).parent
+
+
+def project_env(project: Path, **extra: str) -> dict[str, str]:
+    """The CLI's environment in tests: this venv first on PATH, a private PREFECT_HOME (its own
+    ephemeral server and database), no inherited server URL, no telemetry."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PREFECT_HOME=str(project / ".prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        MLFLOW_DISABLE_TELEMETRY="true",
+    )
+    env.update(extra)
+    return env
+
+
+def run_cli(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``fedilora ARGS`` in the project folder; with ``check``, a failure shows its stderr."""
+    proc = subprocess.run(
+        [str(BIN / "fedilora"), *args], cwd=project, env=project_env(project), capture_output=True, text=True, timeout=600
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
