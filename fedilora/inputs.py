@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedilora.atomic import atomic_path
 from fedilora.models.encoders import ImageEncoder
 
 PLACEHOLDER_TEXT = ""  # tokenises to [CLS] [SEP]: a text that says nothing
@@ -33,11 +34,8 @@ class FeatureTable:
         return int(self.labels.shape[0])
 
     def save(self, path: Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file({f.name: getattr(self, f.name).contiguous() for f in fields(self)}, str(tmp))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file({f.name: getattr(self, f.name).contiguous() for f in fields(self)}, str(tmp))
 
     @classmethod
     def load(cls, path: Path) -> "FeatureTable":

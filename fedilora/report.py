@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from fedilora.atomic import atomic_path  # noqa: E402
 from fedilora.federation import RoundResult  # noqa: E402
 from fedilora.stages import write_json  # noqa: E402
 
@@ -71,9 +72,8 @@ def write_run_outputs(out_dir: Path, results: list[RoundResult], variant: str) -
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(tmp, index=False)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
 
 
 def write_comparison(out_dir: Path, frames: dict[str, pd.DataFrame]) -> pd.DataFrame:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import PIL.Image
 
+from fedilora.atomic import atomic_path
 from fedilora.config import Params
 from fedilora.data import (
     DatasetError,
@@ -123,8 +123,5 @@ def split(params: Params):
 
 def write_json(path: Path, data: dict) -> None:
     """Atomic: a crash leaves the previous file, never half of a new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -11,6 +11,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import pandas as pd
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm.auto import tqdm
@@ -162,7 +163,7 @@ def compare_methods(params_path: str = "params.yaml", overrides: dict | None = N
             vparams = params.variant(variant)
             run_dir = Path(out_dir) / "runs" / variant
             run_rounds(vparams, run_dir, variant, nested=True)
-            frames[variant] = report.pd.read_csv(run_dir / "rounds.csv")
+            frames[variant] = pd.read_csv(run_dir / "rounds.csv")
         table = report.write_comparison(Path(out_dir), frames)
         tracking.log_artifact(Path(out_dir) / "comparison.csv")
     return {row["variant"]: row["global_accuracy"] for _, row in table.iterrows()}

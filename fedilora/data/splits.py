@@ -12,8 +12,6 @@ untouched, and the comparison between runs isolates the knob that changed.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fedilora.atomic import atomic_path
 from fedilora.config import Params
 
 COLUMNS = ("row", "client", "split", "has_image", "has_text")
@@ -236,16 +235,8 @@ def split_statistics(splits: pd.DataFrame, labels: Sequence[int], num_classes: i
 
 def save_splits(df: pd.DataFrame, path: str | Path) -> None:
     """Parquet via a temp file and rename, so readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         df.loc[:, list(COLUMNS)].to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_splits(path: str | Path) -> pd.DataFrame:
