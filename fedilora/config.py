@@ -24,7 +24,9 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Where the dataset lives and how each sample's text is built."""
 
-    source: str = "emoji"  # "emoji" (embedded default) or a path to a saved dataset
+    source: str = "emoji"  # "emoji" (embedded default), a local dataset directory, or a Hub name
+    # How ``source`` is laid out (README, "Your own data"); ``auto`` detects it from the files.
+    format: Literal["auto", "hf", "imagefolder", "table", "food101", "mmimdb", "hateful_memes"] = "auto"
     root: Path = Path("data")
     text_field: Literal["name", "keywords", "both"] = "keywords"
     image_size: PositiveInt = 224

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from fedilora import aggregation
+from fedilora import metrics as task_metrics
 from fedilora.config import Params
 from fedilora.editing import EditRecord, edit_adapter
 from fedilora.inputs import FeatureTable
@@ -97,7 +98,7 @@ class Federation:
                 "rerun `fedilora split`"
             )
         self.strategy = aggregation.STRATEGIES[params.aggregation.method]
-        num_classes = int(table.labels.max()) + 1
+        num_classes = task_metrics.num_classes(table.labels)
         self.model = model if model is not None else build_model(params, table.image_features.shape[1], num_classes)
         if not hasattr(self.model, "foundation_weights"):  # taken once, before any run changes them
             self.model.foundation_weights = {
@@ -285,8 +286,9 @@ class RoundResult:
     def summary(self) -> dict[str, float]:
         """Flat metric names as logged (``global/accuracy``, ``client/3/accuracy``, ...)."""
         out = {f"global/{k}": v for k, v in self.global_metrics.items()}
-        for key in ("accuracy", "macro_f1"):
-            values = [u.metrics[key] for u in self.updates if not math.isnan(u.metrics[key])]
+        keys = dict.fromkeys(k for u in self.updates for k in u.metrics) or {"accuracy": None, "macro_f1": None}
+        for key in keys:  # the task's metrics (fedilora.metrics), accuracy always among them
+            values = [u.metrics[key] for u in self.updates if not math.isnan(u.metrics.get(key, float("nan")))]
             out[f"personalized/{key}"] = float(np.mean(values)) if values else float("nan")
         for u in self.updates:
             out[f"client/{u.client}/accuracy"] = u.metrics["accuracy"]

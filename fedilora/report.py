@@ -26,13 +26,26 @@ ROUND_COLUMNS = {
     "personalized/accuracy": "personalized_accuracy",
     "personalized/macro_f1": "personalized_macro_f1",
 }
+# Metrics of binary and multi-label tasks (fedilora.metrics): extra columns when a run has them,
+# so the multiclass default's files keep exactly the columns above.
+EXTRA_METRICS = ("micro_f1", "auroc")
+
+
+def round_columns(summary: dict[str, float]) -> dict[str, str]:
+    """Logged name -> CSV column: the fixed ones, then the task's extra global/personalized metrics."""
+    extra = {
+        key: key.replace("/", "_")
+        for key in summary
+        if key.split("/")[0] in ("global", "personalized") and key.rsplit("/", 1)[-1] in EXTRA_METRICS
+    }
+    return {**ROUND_COLUMNS, **extra}
 
 
 def rounds_frame(results: list[RoundResult], variant: str) -> pd.DataFrame:
     rows = []
     for res in results:
         summary = res.summary()
-        rows.append({"variant": variant, "round": res.round, **{col: summary[k] for k, col in ROUND_COLUMNS.items()}})
+        rows.append({"variant": variant, "round": res.round, **{col: summary.get(k, float("nan")) for k, col in round_columns(summary).items()}})
     return pd.DataFrame(rows)
 
 
@@ -49,7 +62,7 @@ def clients_frame(results: list[RoundResult]) -> pd.DataFrame:
 
 def final_metrics(frame: pd.DataFrame) -> dict[str, float]:
     last = frame.iloc[-1]
-    out = {col: _clean(last[col]) for col in ROUND_COLUMNS.values()}
+    out = {col: _clean(last[col]) for col in frame.columns if col not in ("variant", "round")}
     out["best_global_accuracy"] = _clean(frame["global_accuracy"].max())
     out["rounds"] = int(last["round"])
     return out

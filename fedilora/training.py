@@ -9,10 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from sklearn.metrics import f1_score
 from torch import nn
 
+from fedilora import metrics as task_metrics
 from fedilora.inputs import FeatureTable, make_batch
 
 
@@ -79,7 +78,7 @@ def train_local(
     for _ in range(epochs):
         for idx in length_bucketed_batches(lengths, batch_size, generator):
             batch = make_batch(table, data.rows[idx], data.has_image[idx], data.has_text[idx], fill)
-            loss = F.cross_entropy(_forward(model, batch), batch["labels"])
+            loss = task_metrics.loss(_forward(model, batch), batch["labels"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -90,25 +89,33 @@ def train_local(
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, table: FeatureTable, data: Subset, *, batch_size: int = 128, fill: str = "absent") -> torch.Tensor:
+def predict_logits(model: nn.Module, table: FeatureTable, data: Subset, *, batch_size: int = 128, fill: str = "absent") -> torch.Tensor:
+    """The model's logits (N, C) for the subset's rows, in the subset's order."""
     model.eval()
     # Length-sorted batches carry little padding (make_batch trims it); order restored below.
     order = torch.argsort(table.text_mask[data.rows].sum(1) * data.has_text, stable=True)
-    preds = torch.zeros(len(data), dtype=torch.long)
+    logits: torch.Tensor | None = None
     for start in range(0, len(data), batch_size):
         idx = order[start : start + batch_size]
         batch = make_batch(table, data.rows[idx], data.has_image[idx], data.has_text[idx], fill)
-        preds[idx] = _forward(model, batch).argmax(-1)
-    return preds
+        out = _forward(model, batch).float()
+        if logits is None:
+            logits = torch.zeros(len(data), out.shape[-1])
+        logits[idx] = out
+    return logits if logits is not None else torch.zeros(0, 0)
+
+
+def predict(model: nn.Module, table: FeatureTable, data: Subset, *, batch_size: int = 128, fill: str = "absent") -> torch.Tensor:
+    """Class ids (argmax), or for multi-label data a 0/1 matrix of the predicted labels."""
+    logits = predict_logits(model, table, data, batch_size=batch_size, fill=fill)
+    return task_metrics.predictions(logits, task_metrics.task_of(table.labels))
 
 
 def evaluate(model: nn.Module, table: FeatureTable, data: Subset, *, batch_size: int = 128, fill: str = "absent") -> dict[str, float]:
-    """Accuracy and macro-F1 (over the classes present in truth or prediction)."""
+    """The task's metrics (fedilora.metrics): accuracy and macro-F1 (over the classes present in
+    truth or prediction); plus AUROC for binary, micro-F1 for multi-label data."""
+    task = task_metrics.task_of(table.labels)
     if len(data) == 0:
-        return {"accuracy": float("nan"), "macro_f1": float("nan")}
-    pred = predict(model, table, data, batch_size=batch_size, fill=fill).numpy()
-    truth = table.labels[data.rows].numpy()
-    return {
-        "accuracy": float((pred == truth).mean()),
-        "macro_f1": float(f1_score(truth, pred, average="macro", zero_division=0)),
-    }
+        return task_metrics.empty(task)
+    logits = predict_logits(model, table, data, batch_size=batch_size, fill=fill).numpy()
+    return task_metrics.compute(task, table.labels[data.rows].numpy(), logits)

@@ -10,6 +10,7 @@ import threading
 
 import pandas as pd
 
+from fedilora import metrics as task_metrics
 from fedilora.config import Params
 from fedilora.data import load_splits
 from fedilora.federation import Federation, build_model
@@ -42,7 +43,7 @@ def federation(params: Params) -> Federation:
         if data_key not in _tables:
             _tables[data_key] = (FeatureTable.load(paths.features), load_splits(paths.splits))
         table, splits = _tables[data_key]
-        num_classes = int(table.labels.max()) + 1
+        num_classes = task_metrics.num_classes(table.labels)
         mkey = _model_key(params, table.image_features.shape[1], num_classes)
         if mkey not in _models:
             _models[mkey] = build_model(params, table.image_features.shape[1], num_classes)

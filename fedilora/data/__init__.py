@@ -12,6 +12,7 @@ from fedilora.data.emoji import (
     sample_text,
 )
 from fedilora.data.splits import SplitsError, load_splits, make_splits, save_splits, split_statistics
+from fedilora.data.sources import load_source_dataset
 
 __all__ = [
     "CATEGORIES",
@@ -22,6 +23,7 @@ __all__ = [
     "dataset_statistics",
     "fetch_npm_package",
     "load_dataset_dir",
+    "load_source_dataset",
     "save_dataset",
     "load_splits",
     "make_splits",

@@ -383,9 +383,14 @@ def _check_columns(ds: datasets.Dataset, path: Path) -> list[str]:
 
 def _check_labels(ds: datasets.Dataset, path: Path) -> None:
     feature = ds.features["label"]
-    if not isinstance(feature, datasets.ClassLabel):
-        raise DatasetError(f"{path}: column 'label' must be a datasets.ClassLabel, got {feature}")
-    labels = ds["label"]
+    inner = getattr(feature, "feature", None)
+    if not isinstance(feature, datasets.ClassLabel) and isinstance(inner, datasets.ClassLabel):
+        feature = inner  # multi-label: a list of ClassLabel per row
+        labels = [v for row in ds["label"] for v in row]
+    elif not isinstance(feature, datasets.ClassLabel):
+        raise DatasetError(f"{path}: column 'label' must be a datasets.ClassLabel (or a list of them for multi-label data), got {feature}")
+    else:
+        labels = ds["label"]
     bad = [v for v in labels if not 0 <= v < feature.num_classes]
     if bad:
         raise DatasetError(

@@ -154,15 +154,38 @@ def _client_frames(
     return [_frame(train, k, "train", has_image, has_text), _complete(test, k, "test")]
 
 
-def make_splits(labels: Sequence[int], params: Params) -> pd.DataFrame:
-    """Global test set, client partition, client train/test and missing modalities, all seeded."""
-    labels = np.asarray(labels, dtype=np.int64)
+def representative_labels(multi_hot: np.ndarray) -> np.ndarray:
+    """One class id per multi-label row, for stratifying and Dirichlet partitioning: its rarest
+    label (so rare classes still spread over the test set and the clients); rows without any
+    label get the extra id C."""
+    multi_hot = np.asarray(multi_hot) > 0
+    frequency = multi_hot.sum(0)
+    rank = np.where(multi_hot, frequency[None, :], np.iinfo(np.int64).max)
+    return np.where(multi_hot.any(1), rank.argmin(1), multi_hot.shape[1]).astype(np.int64)
+
+
+def make_splits(labels: Sequence[int] | np.ndarray, params: Params, test_rows: Sequence[bool] | None = None) -> pd.DataFrame:
+    """Global test set, client partition, client train/test and missing modalities, all seeded.
+
+    ``labels``: class ids (N,), or multi-hot rows (N, C), partitioned by their representative
+    label. ``test_rows``: a dataset's official test split (True = test); when it marks any row,
+    those rows are the global test set instead of a stratified held-out fraction."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and len(labels):
+        labels = representative_labels(labels)
+    labels = labels.astype(np.int64)
     if labels.ndim != 1 or len(labels) == 0:
         raise ValueError(f"labels must be a non-empty 1-D sequence, got shape {labels.shape}")
     holdout_rng, part_rng, split_rng, miss_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence(params.seed).spawn(4)
     )
-    test = _stratified_holdout(labels, params.data.test_fraction, holdout_rng)
+    official = None if test_rows is None else np.asarray(test_rows, dtype=bool)
+    if official is not None and official.shape != labels.shape:
+        raise ValueError(f"test_rows has {official.shape[0]} entries for {len(labels)} labels")
+    if official is not None and official.any():
+        test = np.flatnonzero(official).astype(int)
+    else:
+        test = _stratified_holdout(labels, params.data.test_fraction, holdout_rng)
     pool = np.setdiff1d(np.arange(len(labels)), test)
     _check_sizes(len(labels), len(pool), params)
     k = params.clients.num_clients
@@ -180,6 +203,9 @@ def make_splits(labels: Sequence[int], params: Params) -> pd.DataFrame:
 
 
 def _histogram(rows: pd.Series, labels: np.ndarray, num_classes: int) -> list[int]:
+    """Samples per class; for multi-hot labels, how many samples carry each label."""
+    if labels.ndim == 2:
+        return labels[rows.to_numpy()].sum(0).astype(int).tolist()
     return np.bincount(labels[rows.to_numpy()], minlength=num_classes).astype(int).tolist()
 
 
@@ -209,7 +235,8 @@ def _client_stats(df: pd.DataFrame, labels: np.ndarray, num_classes: int) -> dic
 
 def split_statistics(splits: pd.DataFrame, labels: Sequence[int], num_classes: int) -> dict[str, Any]:
     """JSON-serialisable summary, keyed by client id as a string so DVC can flatten it."""
-    labels = np.asarray(labels, dtype=np.int64)
+    labels = np.asarray(labels)
+    labels = labels.astype(np.int64) if labels.ndim == 1 else (labels > 0).astype(np.int64)
     global_test = splits[splits["client"] == GLOBAL_TEST]
     clients = splits[splits["client"] != GLOBAL_TEST]
     per_client = {str(int(k)): _client_stats(g, labels, num_classes) for k, g in clients.groupby("client")}
