@@ -74,11 +74,26 @@ class MissingConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """The foundation model: the embedded pretrained encoders, or a tiny random one for tests."""
+    """The foundation model: the embedded pretrained encoders, a tiny random one for tests, or a
+    Hugging Face checkpoint (``name_or_path``: a hub id or a local directory; CLIP, ViLT, LLaVA).
+    With ``name_or_path``, the default ``target_modules`` stands for the family's default
+    (README, "Hugging Face models") and ``num_image_tokens`` is unused."""
 
     name: Literal["embedded", "tiny"] = "embedded"
+    name_or_path: str | None = None
     num_image_tokens: PositiveInt = 2
     target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
+
+    @model_validator(mode="after")
+    def _one_model(self) -> "ModelConfig":
+        if self.name_or_path is not None and not self.name_or_path.strip():
+            raise ValueError("name_or_path is empty; give a hub id or a local directory, or leave it out")
+        if self.name_or_path and self.name != "embedded":
+            raise ValueError(
+                f"name={self.name!r} and name_or_path={self.name_or_path!r} both choose the model; "
+                "with name_or_path leave name at its default ('embedded')"
+            )
+        return self
 
 
 class LoraConfig(_Section):

@@ -68,6 +68,15 @@ def subsets_from_splits(splits: pd.DataFrame) -> tuple[dict[int, Subset], dict[i
 
 def build_model(params: Params, image_dim: int, num_classes: int) -> adapters.PeftModel:
     """The base model wrapped with PEFT; its first slot is the initial global adapter (r_max)."""
+    if params.model.name_or_path:  # a Hugging Face family (fedilora.models.hf); image_dim unused
+        from fedilora.models import hf
+
+        base, spec = hf.build(params.model, num_classes, params.seed)
+        r_max = max(params.clients.client_ranks())
+        return adapters.wrap_with_lora(
+            base, r_max, params.lora.alpha_for(r_max), spec.target_modules, params.lora.dropout,
+            spec.modules_to_save, spec.exclude_modules,
+        )
     text_model = load_text_model(params.model.name, params.seed)
     torch.manual_seed(params.seed)  # the projector and head start the same in every process
     base = MultimodalClassifier(text_model, image_dim, num_classes, params.model.num_image_tokens)
@@ -81,6 +90,11 @@ def load_adapter_model(params: Params, adapter_dir, image_dim: int, num_classes:
     """A logged adapter (PEFT format) on a freshly built base model, ready for inference."""
     from peft import PeftModel
 
+    if params.model.name_or_path:
+        from fedilora.models import hf
+
+        base = hf.build(params.model, num_classes, params.seed)[0]
+        return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     text_model = load_text_model(params.model.name, params.seed)
     base = MultimodalClassifier(text_model, image_dim, num_classes, params.model.num_image_tokens)
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()

@@ -8,7 +8,7 @@ code's behaviour, for comparison), a neutral filler input.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -24,18 +24,22 @@ PLACEHOLDER_TEXT = ""  # tokenises to [CLS] [SEP]: a text that says nothing
 class FeatureTable:
     input_ids: torch.Tensor  # (N, L) int64
     text_mask: torch.Tensor  # (N, L) bool
-    image_features: torch.Tensor  # (N, F) float32
+    image_features: torch.Tensor  # (N, F) float32 features, or (N, 3, H, W) pixels (model.name_or_path)
     labels: torch.Tensor  # (N,) int64
     fill_input_ids: torch.Tensor  # (L,) placeholder text
     fill_text_mask: torch.Tensor  # (L,)
-    fill_image: torch.Tensor  # (F,) features of an all-zero normalised image
+    fill_image: torch.Tensor  # (F,) features of an all-zero normalised image (any trailing shape)
+    # model-specific tensors saved as ``extra.<name>`` (LLaVA: prompt variants and answer ids)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def save(self, path: Path) -> None:
         with atomic_path(path) as tmp:
-            save_file({f.name: getattr(self, f.name).contiguous() for f in fields(self)}, str(tmp))
+            tensors = {f.name: getattr(self, f.name).contiguous() for f in fields(self) if f.name != "extra"}
+            tensors.update({f"extra.{k}": v.contiguous() for k, v in self.extra.items()})
+            save_file(tensors, str(tmp))
 
     @classmethod
     def load(cls, path: Path) -> "FeatureTable":
@@ -46,11 +50,12 @@ class FeatureTable:
             tensors = load_file(str(path))
         except Exception as err:  # safetensors raises several types for a bad file
             raise ValueError(f"{path}: not a readable safetensors feature cache ({err})") from None
-        names = [f.name for f in fields(cls)]
+        names = [f.name for f in fields(cls) if f.name != "extra"]
         missing = [n for n in names if n not in tensors]
         if missing:
             raise ValueError(f"{path}: feature cache lacks tensors {missing}")
-        return cls(**{n: tensors[n] for n in names})
+        extra = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
+        return cls(**{n: tensors[n] for n in names}, extra=extra)
 
 
 def encode(texts: list[str], images: list, labels: list[int], tokenizer, image_encoder: ImageEncoder, max_length: int) -> FeatureTable:
@@ -85,7 +90,12 @@ def make_batch(
     has_text: torch.Tensor,
     fill: str = "absent",
 ) -> dict[str, torch.Tensor]:
-    """Inputs for ``MultimodalClassifier.forward`` plus ``labels``."""
+    """Inputs for ``MultimodalClassifier.forward`` (or a Hugging Face family's wrapper,
+    ``fedilora.models.hf``) plus ``labels``."""
+    if "answer_ids" in table.extra:  # a LLaVA prompt table: prompts and answers, not features
+        from fedilora.models.hf import prompt_batch
+
+        return prompt_batch(table, rows, has_image, has_text, fill)
     input_ids = table.input_ids[rows]
     text_mask = table.text_mask[rows]
     image_features = table.image_features[rows]
@@ -93,7 +103,7 @@ def make_batch(
         no_text, no_image = ~has_text, ~has_image
         input_ids = torch.where(no_text[:, None], table.fill_input_ids, input_ids)
         text_mask = torch.where(no_text[:, None], table.fill_text_mask, text_mask)
-        image_features = torch.where(no_image[:, None], table.fill_image, image_features)
+        image_features = torch.where(no_image.view(-1, *[1] * (image_features.dim() - 1)), table.fill_image, image_features)
         has_image = torch.ones_like(has_image)
         has_text = torch.ones_like(has_text)
     elif fill != "absent":

@@ -115,14 +115,26 @@ def prepare(params: Params) -> FeatureTable:
     paths = DataPaths.of(params)
     ds = load_source(params, paths)
     labels = label_tensor(ds)
-    table = encode(
-        texts_of(ds, params.data.text_field),
-        decoded_images(ds, paths.source),
-        labels.tolist() if labels.ndim == 1 else [0] * len(labels),
-        load_tokenizer(),
-        load_image_encoder(params.model.name, params.data.image_size),
-        params.data.max_text_length,
-    )
+    if params.model.name_or_path:  # a Hugging Face model: its own tokenizer and image processor
+        from fedilora.models import hf
+
+        table = hf.encode(
+            texts_of(ds, params.data.text_field),
+            decoded_images(ds, paths.source),
+            labels,
+            label_names(ds.features["label"]),
+            params.model,
+            params.data.max_text_length,
+        )
+    else:
+        table = encode(
+            texts_of(ds, params.data.text_field),
+            decoded_images(ds, paths.source),
+            labels.tolist() if labels.ndim == 1 else [0] * len(labels),
+            load_tokenizer(),
+            load_image_encoder(params.model.name, params.data.image_size),
+            params.data.max_text_length,
+        )
     if labels.ndim == 2:
         table = dataclasses.replace(table, labels=labels)
     table.save(paths.features)

@@ -78,7 +78,8 @@ def train_local(
     for _ in range(epochs):
         for idx in length_bucketed_batches(lengths, batch_size, generator):
             batch = make_batch(table, data.rows[idx], data.has_image[idx], data.has_text[idx], fill)
-            loss = task_metrics.loss(_forward(model, batch), batch["labels"])
+            out = _forward(model, batch)  # a generative model (LLaVA) returns its LM loss on the answers
+            loss = out if out.ndim == 0 else task_metrics.loss(out, batch["labels"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

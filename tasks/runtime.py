@@ -25,7 +25,7 @@ _federations: dict[str, Federation] = {}
 
 def _model_key(params: Params, image_dim: int, num_classes: int) -> str:
     m = params.model
-    return f"{m.name}|{m.num_image_tokens}|{','.join(m.target_modules)}|{params.seed}|{image_dim}|{num_classes}|{max(params.clients.client_ranks())}|{params.lora.alpha_for(max(params.clients.client_ranks()))}|{params.lora.dropout}"
+    return f"{m.name}|{m.num_image_tokens}|{','.join(m.target_modules)}|{params.seed}|{image_dim}|{num_classes}|{max(params.clients.client_ranks())}|{params.lora.alpha_for(max(params.clients.client_ranks()))}|{params.lora.dropout}|{m.name_or_path}"
 
 
 def run_key(params: Params) -> str:

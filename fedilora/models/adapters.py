@@ -8,6 +8,7 @@ to the aggregation math and to safetensors files.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -23,29 +24,49 @@ def slot_name(rank: int, alpha: float) -> str:
     return f"r{rank}_a{alpha:g}".replace(".", "p")
 
 
-def lora_config(rank: int, alpha: float, target_modules: list[str], dropout: float = 0.0) -> PeftLoraConfig:
+def lora_config(
+    rank: int,
+    alpha: float,
+    target_modules: list[str],
+    dropout: float = 0.0,
+    modules_to_save: list[str] | None = None,
+    exclude_modules: str | None = None,
+) -> PeftLoraConfig:
+    """``modules_to_save`` defaults to the embedded model's projector and head; ``exclude_modules``
+    is PEFT's (a regex over module names, e.g. LLaVA's vision tower)."""
     return PeftLoraConfig(
         r=rank,
         lora_alpha=alpha,
         target_modules=list(target_modules),
         lora_dropout=dropout,
-        modules_to_save=list(TRAINED_MODULES),
+        modules_to_save=list(TRAINED_MODULES if modules_to_save is None else modules_to_save),
+        exclude_modules=exclude_modules,
     )
 
 
-def wrap_with_lora(model: nn.Module, rank: int, alpha: float, target_modules: list[str], dropout: float = 0.0) -> PeftModel:
+def wrap_with_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float,
+    target_modules: list[str],
+    dropout: float = 0.0,
+    modules_to_save: list[str] | None = None,
+    exclude_modules: str | None = None,
+) -> PeftModel:
     """Freeze the foundation model and add the first adapter slot."""
-    max_rank = _max_rank(model, target_modules)
+    max_rank = _max_rank(model, target_modules, exclude_modules)
     if rank > max_rank:
         raise ValueError(f"clients.ranks: rank {rank} exceeds the width {max_rank} of the adapted layers")
-    return get_peft_model(model, lora_config(rank, alpha, target_modules, dropout), adapter_name=slot_name(rank, alpha))
+    config = lora_config(rank, alpha, target_modules, dropout, modules_to_save, exclude_modules)
+    return get_peft_model(model, config, adapter_name=slot_name(rank, alpha))
 
 
-def _max_rank(model: nn.Module, target_modules: list[str]) -> int:
+def _max_rank(model: nn.Module, target_modules: list[str], exclude_modules: str | None = None) -> int:
     widths = [
         min(m.in_features, m.out_features)
         for name, m in model.named_modules()
         if hasattr(m, "in_features") and name.split(".")[-1] in target_modules
+        and not (exclude_modules and re.fullmatch(exclude_modules, name))
     ]
     if not widths:
         raise ValueError(f"model.target_modules: {target_modules} match no linear layer of the model")
@@ -56,10 +77,12 @@ def ensure_slot(model: PeftModel, rank: int, alpha: float, dropout: float = 0.0)
     """Name of the adapter slot for (rank, alpha), creating it on first use."""
     name = slot_name(rank, alpha)
     if name not in model.peft_config:
-        max_rank = _max_rank(model.get_base_model(), _targets(model))
+        first = next(iter(model.peft_config.values()))  # the same targets and trained modules as the first slot
+        max_rank = _max_rank(model.get_base_model(), _targets(model), first.exclude_modules)
         if rank > max_rank:
             raise ValueError(f"clients.ranks: rank {rank} exceeds the width {max_rank} of the adapted layers")
-        model.add_adapter(name, lora_config(rank, alpha, _targets(model), dropout))
+        saved = list(first.modules_to_save) if first.modules_to_save is not None else None
+        model.add_adapter(name, lora_config(rank, alpha, _targets(model), dropout, saved, first.exclude_modules))
     return name
 
 
