@@ -203,22 +203,44 @@ def test_llava_prompts_answers_and_matching(checkpoints) -> None:
     assert scores.argmax(1).tolist() == [1, 3, 3, 3, 3, 3]  # 3 = no class name matched: always wrong
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_federated_run_through_the_cli(checkpoints, tmp_path, family) -> None:
-    project = tmp_path / family
-    write_project(
-        project,
-        model={"name": "embedded", "name_or_path": str(checkpoints[family])},
+def _project(root: Path, checkpoint: Path) -> Path:
+    """The tiny project (tests/tiny_project.py) on ``checkpoint``; returns its folder."""
+    return write_project(
+        root,
+        model={"name": "embedded", "name_or_path": str(checkpoint)},
         clients={"num_clients": 3, "ranks": [4, 2, 2], "test_fraction": 0.25},
         federation={"rounds": 2, "sample_fraction": 0.67, "batch_size": 8, "lr": 0.01},
         runner={"task_runner": "sequential"},
-    )
+    ).parent
+
+
+def test_llava_federated_run_through_the_cli(checkpoints, tmp_path) -> None:
+    """prepare (the checkpoint's processor), split, federate (2 rounds) as the CLI runs them."""
+    project = _project(tmp_path / "llava", checkpoints["llava"])
     for command in ("prepare", "split", "federate"):
         run_cli(project, command)
     metrics = json.loads((project / "outputs/federate/metrics.json").read_text())
     assert metrics["rounds"] == 2
-    assert 0.0 <= metrics["global_accuracy"] <= 1.0  # LLaVA: exact match of the generated answer
+    assert 0.0 <= metrics["global_accuracy"] <= 1.0  # exact match of the generated answer
     assert any(project.glob("outputs/federate/**/adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("family", ["clip", "vilt"])
+def test_federated_run_in_process(checkpoints, tmp_path, family, monkeypatch) -> None:
+    """The same stages and rounds in this process (one CLI run above covers the orchestration)."""
+    from fedilora import stages
+    from fedilora.federation import Federation, run
+
+    project = _project(tmp_path / family, checkpoints[family])
+    monkeypatch.chdir(project)
+    params = load_params("params.yaml")
+    table = stages.prepare(params)
+    assert table.image_features.shape[1:] == (3, 32, 32)
+    splits = stages.split(params)
+    state, results = run(Federation(params, table, splits))
+    assert len(results) == 2 and any("lora_A." in k for k in state)
+    for key in ("accuracy", "missing_image/accuracy", "missing_text/accuracy"):
+        assert 0.0 <= results[-1].global_metrics[key] <= 1.0
 
 
 def test_name_or_path_validation(tmp_path) -> None:
