@@ -153,14 +153,23 @@ class TrackingConfig(_Section):
 
 
 class RunnerConfig(_Section):
-    """How Prefect runs client tasks: threads in this process, or a Dask cluster (a local one
-    with ``n_workers`` processes on 127.0.0.1, or an existing one at ``address``)."""
+    """How Prefect runs client tasks: threads in this process, or a Dask or Ray cluster (a local
+    one with ``n_workers`` worker processes on 127.0.0.1, or an existing one at ``address``)."""
 
-    task_runner: Literal["threads", "dask", "sequential"] = "threads"
+    task_runner: Literal["threads", "dask", "ray", "sequential"] = "threads"
     max_workers: PositiveInt = 4
     retries: Annotated[int, Field(ge=0)] = 2
     address: str | None = None
     n_workers: PositiveInt = 2
+
+    @model_validator(mode="after")
+    def _address_fits_runner(self) -> "RunnerConfig":
+        scheme = self.address.split("://")[0] if self.address and "://" in self.address else None
+        if self.task_runner == "dask" and scheme == "ray":
+            raise ValueError(f"address {self.address!r} is a Ray address; a Dask scheduler is tcp://host:8786")
+        if self.task_runner == "ray" and scheme not in (None, "ray"):
+            raise ValueError(f"address {self.address!r} is not a Ray address: ray://host:10001, host:6379 or auto")
+        return self
 
 
 class CompareConfig(_Section):

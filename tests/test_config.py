@@ -46,6 +46,10 @@ def test_repository_params_file_is_valid_and_complete() -> None:
         ({"aggregation": {"method": "fedprox"}}, "aggregation.method"),
         ({"clients": {"dirichlet_alpha": 0}}, "clients.dirichlet_alpha"),
         ({"editing": {"mode": "swap"}}, "editing.mode"),
+        ({"runner": {"task_runner": "spark"}}, "runner.task_runner"),
+        ({"runner": {"task_runner": "ray", "address": "tcp://10.0.0.5:8786"}}, "runner"),  # a Dask address
+        ({"runner": {"task_runner": "dask", "address": "ray://head:10001"}}, "runner"),
+        ({"runner": {"n_workers": 0}}, "runner.n_workers"),
     ],
 )
 def test_bad_values_name_their_field(tmp_path: Path, data: dict, field: str) -> None:
