@@ -276,15 +276,16 @@ class Federation:
             adapters.load_state(self.model, slot, state)
             adapters.save_adapter(self.model, slot, directory)
 
-    def evaluate_global(self, state: State) -> dict[str, float]:
-        """The aggregated model on the global test split: all modalities, then each one absent."""
+    def evaluate_global(self, state: State, patterns: tuple[str, ...] = PATTERNS) -> dict[str, float]:
+        """The aggregated model on the global test split: all modalities, then each of
+        ``patterns`` absent."""
         fill = self.params.missing.fill
         with self._lock:
             slot = self.global_slot(state)
             adapters.load_state(self.model, slot, state)
             adapters.activate(self.model, slot)
             metrics = evaluate(self.model, self.table, self.global_test, fill=fill)
-            for pattern in PATTERNS:
+            for pattern in patterns:
                 for name, value in evaluate(self.model, self.table, self.global_test.drop(pattern), fill=fill).items():
                     metrics[f"missing_{pattern}/{name}"] = value
         return metrics

@@ -88,6 +88,14 @@ def cmd_report(args, params) -> None:
     print(f"report -> {path}")
 
 
+def cmd_study(args, params) -> None:
+    from flows.study import run_study
+
+    check_prefect_server()
+    summary = run_study(str(args.study))
+    print(json.dumps(summary, indent=2))
+
+
 def cmd_serve(args, params) -> None:
     from flows.federated import federated_training
 
@@ -107,6 +115,7 @@ COMMANDS = {
     "federate": (cmd_federate, "run the federated_training Prefect flow"),
     "compare": (cmd_compare, "run compare.variants as sibling MLflow runs"),
     "report": (cmd_report, "tables and plots in reports/"),
+    "study": (cmd_study, "the quality study: every method over a grid of settings and seeds"),
     "serve": (cmd_serve, "serve the Prefect deployment (schedule runs from the UI)"),
 }
 
@@ -128,6 +137,8 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--run", type=Path, default=Path("outputs/federate"))
             s.add_argument("--compare", type=Path, default=Path("outputs/compare"))
             s.add_argument("--out", type=Path, default=Path("reports"))
+        if name == "study":
+            s.add_argument("--study", type=Path, default=Path("study/study.yaml"))
         if name == "serve":
             s.add_argument("--name", default="fedilora")
             s.add_argument("--cron", default=None, help="a schedule, e.g. '0 3 * * *'")

@@ -17,9 +17,10 @@ from fedilora.federation import Federation, build_model
 from fedilora.inputs import FeatureTable
 from fedilora.stages import DataPaths
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _models: dict[str, object] = {}
-_tables: dict[str, tuple[FeatureTable, pd.DataFrame]] = {}
+_tables: dict[str, FeatureTable] = {}
+_splits: dict[str, pd.DataFrame] = {}
 _federations: dict[str, Federation] = {}
 
 
@@ -36,20 +37,34 @@ def federation(params: Params) -> Federation:
     """The runtime for these params in this process, built on first use."""
     key = run_key(params)
     with _lock:
-        if key in _federations:
-            return _federations[key]
-        paths = DataPaths.of(params)
-        data_key = str(paths.root.resolve())
-        if data_key not in _tables:
-            _tables[data_key] = (FeatureTable.load(paths.features), load_splits(paths.splits))
-        table, splits = _tables[data_key]
+        if key not in _federations:
+            table = feature_table(params)
+            splits_path = DataPaths.of(params).splits
+            splits_key = str(splits_path.resolve())
+            if splits_key not in _splits:
+                _splits[splits_key] = load_splits(splits_path)
+            _federations[key] = Federation(params, table, _splits[splits_key], model=shared_model(params, table))
+        return _federations[key]
+
+
+def feature_table(params: Params) -> FeatureTable:
+    """The prepared feature table of ``data.root``, loaded once per process."""
+    path = DataPaths.of(params).features
+    with _lock:
+        key = str(path.resolve())
+        if key not in _tables:
+            _tables[key] = FeatureTable.load(path)
+        return _tables[key]
+
+
+def shared_model(params: Params, table: FeatureTable):
+    """The one base model of this process for these model settings (runs swap adapters on it)."""
+    with _lock:
         num_classes = task_metrics.num_classes(table.labels)
         mkey = _model_key(params, table.image_features.shape[1], num_classes)
         if mkey not in _models:
             _models[mkey] = build_model(params, table.image_features.shape[1], num_classes)
-        fed = Federation(params, table, splits, model=_models[mkey])
-        _federations[key] = fed
-        return fed
+        return _models[mkey]
 
 
 def clear() -> None:
@@ -57,4 +72,5 @@ def clear() -> None:
     with _lock:
         _models.clear()
         _tables.clear()
+        _splits.clear()
         _federations.clear()
