@@ -30,8 +30,11 @@ def write(study: st.StudyConfig, results: pd.DataFrame, out_dir: Path) -> dict:
     _plot_missing_rate(table, reference, out_dir / "accuracy_vs_missing_rate.png")
     _plot_rounds(results, reference, out_dir / "accuracy_per_round.png")
     claims = claim_checks(table)
+    text = _markdown(study, results, table, claims, reference)
+    if (out_dir / "FINDINGS.md").is_file():  # the interpretation, written by hand from these numbers
+        text = text.replace("## Table", "Interpretation and diagnostics: [FINDINGS.md](FINDINGS.md).\n\n## Table", 1)
     with atomic_path(out_dir / "study.md") as tmp:
-        tmp.write_text(_markdown(study, results, table, claims, reference))
+        tmp.write_text(text)
     return {"settings": int(table["setting"].nunique()), "runs": int(len(st.final_rows(results))), **claims}
 
 
