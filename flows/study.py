@@ -96,4 +96,7 @@ def run_study(study_path: str = "study/study.yaml") -> dict:
     from flows.federated import task_runner
 
     study = st.load_study(study_path)
-    return quality_study.with_options(task_runner=task_runner(Params(runner=study.runner)))(study_path)
+    runner = study.runner
+    if runner.task_runner == "threads":  # units in one process share its base models: one at a time
+        runner = runner.model_copy(update={"max_workers": 1})
+    return quality_study.with_options(task_runner=task_runner(Params(runner=runner)))(study_path)
