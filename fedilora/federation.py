@@ -66,38 +66,32 @@ def subsets_from_splits(splits: pd.DataFrame) -> tuple[dict[int, Subset], dict[i
     return train, test, subset(splits[splits.client == -1])
 
 
-def build_model(params: Params, image_dim: int, num_classes: int) -> adapters.PeftModel:
-    """The base model wrapped with PEFT; its first slot is the initial global adapter (r_max)."""
+def _base_model(params: Params, image_dim: int, num_classes: int) -> tuple[torch.nn.Module, dict]:
+    """The unwrapped base model and where its LoRA goes (``wrap_with_lora`` keyword arguments)."""
     if params.model.name_or_path:  # a Hugging Face family (fedilora.models.hf); image_dim unused
         from fedilora.models import hf
 
         base, spec = hf.build(params.model, num_classes, params.seed)
-        r_max = max(params.clients.client_ranks())
-        return adapters.wrap_with_lora(
-            base, r_max, params.lora.alpha_for(r_max), spec.target_modules, params.lora.dropout,
-            spec.modules_to_save, spec.exclude_modules,
-        )
+        return base, {"target_modules": spec.target_modules, "modules_to_save": spec.modules_to_save,
+                      "exclude_modules": spec.exclude_modules}
     text_model = load_text_model(params.model.name, params.seed)
     torch.manual_seed(params.seed)  # the projector and head start the same in every process
     base = MultimodalClassifier(text_model, image_dim, num_classes, params.model.num_image_tokens)
+    return base, {"target_modules": params.model.target_modules}
+
+
+def build_model(params: Params, image_dim: int, num_classes: int) -> adapters.PeftModel:
+    """The base model wrapped with PEFT; its first slot is the initial global adapter (r_max)."""
+    base, lora = _base_model(params, image_dim, num_classes)
     r_max = max(params.clients.client_ranks())
-    return adapters.wrap_with_lora(
-        base, r_max, params.lora.alpha_for(r_max), params.model.target_modules, params.lora.dropout
-    )
+    return adapters.wrap_with_lora(base, r_max, params.lora.alpha_for(r_max), dropout=params.lora.dropout, **lora)
 
 
 def load_adapter_model(params: Params, adapter_dir, image_dim: int, num_classes: int):
     """A logged adapter (PEFT format) on a freshly built base model, ready for inference."""
     from peft import PeftModel
 
-    if params.model.name_or_path:
-        from fedilora.models import hf
-
-        base = hf.build(params.model, num_classes, params.seed)[0]
-        return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    text_model = load_text_model(params.model.name, params.seed)
-    base = MultimodalClassifier(text_model, image_dim, num_classes, params.model.num_image_tokens)
-    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    return PeftModel.from_pretrained(_base_model(params, image_dim, num_classes)[0], str(adapter_dir)).eval()
 
 
 class Federation:
@@ -315,15 +309,24 @@ class RoundResult:
         return out
 
 
-def run(fed: Federation, on_round: Callable[[RoundResult, State], None] | None = None) -> tuple[State, list[RoundResult]]:
-    """All rounds in-process, sequentially: the reference the orchestrated flow must match."""
+def run(
+    fed: Federation,
+    on_round: Callable[[RoundResult, State], None] | None = None,
+    *,
+    missing_every_round: bool = True,
+) -> tuple[State, list[RoundResult]]:
+    """All rounds in-process, sequentially: the reference the orchestrated flow must match.
+    ``missing_every_round=False`` evaluates the missing-modality patterns after the last round
+    only (each costs as much as the full evaluation; per-round curves need only the latter)."""
     global_state = fed.initial_global_state()
     results = []
-    for round_idx in range(1, fed.params.federation.rounds + 1):
+    rounds = fed.params.federation.rounds
+    for round_idx in range(1, rounds + 1):
         clients = fed.sample_clients(round_idx)
         updates = [fed.client_update(c, global_state, round_idx) for c in clients]
         global_state = fed.aggregate(updates, global_state)
-        result = RoundResult(round_idx, clients, fed.evaluate_global(global_state), updates)
+        patterns = PATTERNS if missing_every_round or round_idx == rounds else ()
+        result = RoundResult(round_idx, clients, fed.evaluate_global(global_state, patterns), updates)
         results.append(result)
         if on_round is not None:
             on_round(result, global_state)

@@ -58,7 +58,8 @@ class FeatureTable:
         return cls(**{n: tensors[n] for n in names}, extra=extra)
 
 
-def encode(texts: list[str], images: list, labels: list[int], tokenizer, image_encoder: ImageEncoder, max_length: int) -> FeatureTable:
+def encode(texts: list[str], images: list, labels, tokenizer, image_encoder: ImageEncoder, max_length: int) -> FeatureTable:
+    """``labels``: class ids, or a label tensor as it is ((N,) ids or (N, C) multi-hot rows)."""
     tok = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     fill = tokenizer([PLACEHOLDER_TEXT], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     from PIL import Image
@@ -76,7 +77,7 @@ def encode(texts: list[str], images: list, labels: list[int], tokenizer, image_e
         input_ids=tok["input_ids"].long(),
         text_mask=tok["attention_mask"].bool(),
         image_features=(features - mean) / std,
-        labels=torch.tensor(labels, dtype=torch.long),
+        labels=labels if isinstance(labels, torch.Tensor) else torch.tensor(labels, dtype=torch.long),
         fill_input_ids=fill["input_ids"][0].long(),
         fill_text_mask=fill["attention_mask"][0].bool(),
         fill_image=((filler - mean) / std)[0],

@@ -3,7 +3,6 @@ client splits. Paths all derive from ``data.root`` so DVC can declare them as ou
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 from dataclasses import dataclass
@@ -130,13 +129,11 @@ def prepare(params: Params) -> FeatureTable:
         table = encode(
             texts_of(ds, params.data.text_field),
             decoded_images(ds, paths.source),
-            labels.tolist() if labels.ndim == 1 else [0] * len(labels),
+            labels,
             load_tokenizer(),
             load_image_encoder(params.model.name, params.data.image_size),
             params.data.max_text_length,
         )
-    if labels.ndim == 2:
-        table = dataclasses.replace(table, labels=labels)
     table.save(paths.features)
     names = label_names(ds.features["label"])
     counts = labels.sum(0).long().tolist() if labels.ndim == 2 else labels.bincount(minlength=len(names)).tolist()

@@ -16,14 +16,13 @@ import math
 from pathlib import Path
 from typing import Annotated, Literal
 
-import numpy as np
 import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedilora.config import METHODS, ConfigError, Params, RunnerConfig, load_params
 from fedilora.data import make_splits
-from fedilora.federation import PATTERNS, Federation
+from fedilora.federation import Federation, run
 from fedilora.inputs import FeatureTable
 
 Pattern = Literal["image", "text", "both"]
@@ -137,20 +136,18 @@ def unit_key(study: StudyConfig, setting: Setting, seed: int) -> str:
 
 
 def run_method(fed: Federation) -> list[dict]:
-    """All rounds of one method; global accuracy every round, each missing pattern at the end
-    (the per-round curve needs only the first, and the patterns are a third of the cost each)."""
-    state = fed.initial_global_state()
-    rows = []
-    rounds = fed.params.federation.rounds
-    for round_idx in range(1, rounds + 1):
-        clients = fed.sample_clients(round_idx)
-        updates = [fed.client_update(c, state, round_idx) for c in clients]
-        state = fed.aggregate(updates, state)
-        row = {"round": round_idx, **{f"global_{k}": v for k, v in fed.evaluate_global(state, patterns=() if round_idx < rounds else PATTERNS).items()}}
-        row["personalized_accuracy"] = float(np.mean([u.metrics["accuracy"] for u in updates]))
-        row["edits"] = sum(e.edited for u in updates for e in u.edits)
-        rows.append(row)
-    return rows
+    """All rounds of one method (``federation.run``); global accuracy every round, each missing
+    pattern after the last one."""
+    _, results = run(fed, missing_every_round=False)
+    return [
+        {
+            "round": r.round,
+            **{f"global_{k}": v for k, v in r.global_metrics.items()},
+            "personalized_accuracy": r.summary()["personalized/accuracy"],
+            "edits": sum(e.edited for u in r.updates for e in u.edits),
+        }
+        for r in results
+    ]
 
 
 def run_setting(study: StudyConfig, setting: Setting, seed: int, table: FeatureTable, model_for) -> pd.DataFrame:

@@ -33,28 +33,29 @@ def run_key(params: Params) -> str:
     return params.model_dump_json()
 
 
+def _load_once(cache: dict, path, load):
+    """``load(path)``, read once per process and resolved path."""
+    key = str(path.resolve())
+    with _lock:
+        if key not in cache:
+            cache[key] = load(path)
+        return cache[key]
+
+
 def federation(params: Params) -> Federation:
     """The runtime for these params in this process, built on first use."""
     key = run_key(params)
     with _lock:
         if key not in _federations:
             table = feature_table(params)
-            splits_path = DataPaths.of(params).splits
-            splits_key = str(splits_path.resolve())
-            if splits_key not in _splits:
-                _splits[splits_key] = load_splits(splits_path)
-            _federations[key] = Federation(params, table, _splits[splits_key], model=shared_model(params, table))
+            splits = _load_once(_splits, DataPaths.of(params).splits, load_splits)
+            _federations[key] = Federation(params, table, splits, model=shared_model(params, table))
         return _federations[key]
 
 
 def feature_table(params: Params) -> FeatureTable:
     """The prepared feature table of ``data.root``, loaded once per process."""
-    path = DataPaths.of(params).features
-    with _lock:
-        key = str(path.resolve())
-        if key not in _tables:
-            _tables[key] = FeatureTable.load(path)
-        return _tables[key]
+    return _load_once(_tables, DataPaths.of(params).features, FeatureTable.load)
 
 
 def shared_model(params: Params, table: FeatureTable):
