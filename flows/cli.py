@@ -61,7 +61,8 @@ def check_prefect_server() -> None:
 
 
 def cmd_federate(args, params) -> None:
-    from flows.federated import federated_training, task_runner
+    from flows.federated import federated_training
+    from flows.runners import task_runner
 
     check_prefect_server()
     flow = federated_training.with_options(task_runner=task_runner(params))
@@ -70,7 +71,8 @@ def cmd_federate(args, params) -> None:
 
 
 def cmd_compare(args, params) -> None:
-    from flows.federated import compare_methods, task_runner
+    from flows.federated import compare_methods
+    from flows.runners import task_runner
 
     check_prefect_server()
     flow = compare_methods.with_options(task_runner=task_runner(params))

@@ -93,7 +93,7 @@ def quality_study(study_path: str = "study/study.yaml") -> dict:
 
 def run_study(study_path: str = "study/study.yaml") -> dict:
     """The flow on the study's own task runner (``runner`` in the study file)."""
-    from flows.federated import task_runner
+    from flows.runners import task_runner
 
     study = st.load_study(study_path)
     runner = study.runner

@@ -21,7 +21,7 @@ PROBE = """
 import json, os, sys
 from prefect import flow, task, unmapped
 from fedilora.config import load_params
-from flows.federated import task_runner
+from flows.runners import task_runner
 
 params = load_params("params.yaml", {"runner.task_runner": "ray", "runner.n_workers": 2})
 
