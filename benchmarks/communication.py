@@ -9,7 +9,7 @@ layers, plus the trained modules: image projector LayerNorm + Linear, classifier
 formula is verified against real PEFT adapter states: the tiny test model always, and the
 embedded all-MiniLM-L6-v2 model when its wheel is installed. Tensors travel as float32.
 
-What each method moves (DESIGN.md section 1 and fedilora.federation):
+What each method moves (docs/method.md and fedilora.methods):
 - fedavg / hetlora / fedilora: up = the client's rank-r_k factors + trained modules;
   down = the rank-r_k share of the global adapter + trained modules.
 - flexlora: up the same; down = the rank-r_k share of the SVD-truncated global factors +

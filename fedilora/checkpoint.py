@@ -1,25 +1,25 @@
 """Round checkpoints, so a killed run resumes from its last finished round.
 
 A checkpoint is a folder of safetensors files (the global state, each client's personalized
-state, and for FLoRA the merged base weights) plus ``meta.json`` (the round, the MLflow run id,
-the params it belongs to, and the per-round results needed for the outputs). It is written to a
-temporary sibling folder and renamed into place, so a crash leaves either the previous
-checkpoint or the new one, never half of one. No pickle anywhere.
+state, and the base weights when the method changed them) plus ``meta.json`` (the round, the
+MLflow run id, the params it belongs to, and the per-round results needed for the outputs). It is
+written to a temporary sibling folder and renamed into place (``atomic_dir``), so a crash leaves
+either the previous checkpoint or the new one, never half of one. No pickle anywhere.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from fedilora.atomic import atomic_dir
 from fedilora.editing import EditRecord
-from fedilora.federation import ClientUpdate, RoundResult, State
+from fedilora.federation import ClientUpdate, RoundResult
+from fedilora.lora import State, rank_shape
 
 
 @dataclass
@@ -78,11 +78,11 @@ def _result_from(record: dict) -> RoundResult:
 
 
 def save(directory: Path, ckpt: Checkpoint) -> None:
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    with atomic_dir(directory) as tmp:
+        _write(tmp, ckpt)
+
+
+def _write(tmp: Path, ckpt: Checkpoint) -> None:
     _save_tensors(ckpt.global_state, tmp / "global.safetensors")
     for client, state in ckpt.personal.items():
         _save_tensors(state, tmp / f"client_{client}.safetensors")
@@ -96,12 +96,6 @@ def save(directory: Path, ckpt: Checkpoint) -> None:
         "results": [_result_record(r) for r in ckpt.results],
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    old = directory.with_name(f".{directory.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load(directory: Path) -> Checkpoint | None:
@@ -140,7 +134,6 @@ def check_shapes(ckpt: Checkpoint, reference: State, directory: Path) -> None:
         for key, tensor in state.items():
             want = tuple(reference[key].shape)
             got = tuple(tensor.shape)
-            fixed = (lambda s: s[1:]) if "lora_A." in key else (lambda s: s[:1]) if "lora_B." in key else (lambda s: s)
-            if len(got) != len(want) or fixed(got) != fixed(want):
+            if len(got) != len(want) or rank_shape(key, got) != rank_shape(key, want):
                 raise ValueError(f"{Path(directory) / name}: {key} has shape {got}, expected {want} (up to the rank)")
 

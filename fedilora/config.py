@@ -7,10 +7,12 @@ silently running the default; errors name the dotted field and what was expected
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedilora import methods
 
 Pattern = Literal["image", "text", "both"]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -127,16 +129,27 @@ class FaultsConfig(_Section):
     client_failure_rate: Probability = 0.0
 
 
-Method = Literal["fedavg", "hetlora", "flora", "flexlora", "fedilora"]
-METHODS = set(Method.__args__)
-
-
 class AggregationConfig(_Section):
-    method: Method = "fedilora"
+    """``method``: one of ``fedilora.methods.REGISTRY``; ``options``: that method's own knobs
+    (each method's ``Options``; docs/method.md), validated here so a misspelt one fails early."""
+
+    method: str = "fedilora"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        methods.method_class(method)  # raises naming the known methods
+        return method
+
+    @model_validator(mode="after")
+    def _known_options(self) -> "AggregationConfig":
+        methods.options_for(self.method, self.options)  # raises naming the option
+        return self
 
 
 class EditingConfig(_Section):
-    """FediLoRA's layer-wise model editing on the client (see DESIGN.md, section 1)."""
+    """FediLoRA's layer-wise model editing on the client (docs/method.md)."""
 
     enabled: bool = True
     factors: Literal["A", "B", "both"] = "A"
@@ -206,17 +219,17 @@ class Params(_Section):
                     f"clients.num_clients={n}"
                 )
         ranks = set(self.clients.client_ranks())
-        methods = {self.aggregation.method} | {v.split("+")[0] for v in self.compare.variants}
-        if "fedavg" in methods and len(ranks) > 1:
+        used = {self.aggregation.method} | {v.split("+")[0] for v in self.compare.variants}
+        if "fedavg" in used and len(ranks) > 1:
             raise ValueError(
                 f"aggregation.method=fedavg needs equal ranks, got clients.ranks={sorted(ranks)}; "
                 "use hetlora, flora, flexlora or fedilora for heterogeneous ranks"
             )
         for variant in self.compare.variants:
             method, _, suffix = variant.partition("+")
-            if method not in METHODS or suffix not in ("", "edit"):
+            if method not in methods.REGISTRY or suffix not in ("", "edit"):
                 raise ValueError(
-                    f"compare.variants: unknown variant {variant!r}; expected one of {sorted(METHODS)}, "
+                    f"compare.variants: unknown variant {variant!r}; expected one of {sorted(methods.REGISTRY)}, "
                     "optionally with '+edit'"
                 )
         return self
@@ -226,7 +239,7 @@ class Params(_Section):
         method, _, suffix = name.partition("+")
         return self.model_copy(
             update={
-                "aggregation": AggregationConfig(method=method),
+                "aggregation": AggregationConfig(method=method, options=self.aggregation.options if method == self.aggregation.method else {}),
                 "editing": self.editing.model_copy(update={"enabled": suffix == "edit"}),
             }
         )

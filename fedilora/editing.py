@@ -10,8 +10,9 @@ clipped to [0, 1] (the official code lets a negative similarity extrapolate away
 global tensor); a zero-norm tensor has similarity 0 instead of NaN, so it is treated as
 maximally dissimilar and is a candidate for editing.
 
-For merged strategies (flexlora) pass the client's own share, ``client_share(global,
-r, scaling=s, merged=True)``, as ``global_prev`` so that B is on the client's scale.
+The runtime passes the client's share of the previous global adapter (what it started local
+training from), so for a method whose global factors carry the scaling (flexlora) B is on the
+client's own scale.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from fedilora.aggregation import State, is_lora_a, is_lora_b
+from fedilora.lora import State, cut_tensor, is_lora_a, is_lora_b
 
 FACTORS = ("A", "B", "both")
 MODES = ("blend", "replace", "half")
@@ -41,13 +42,8 @@ def _candidates(local: State, factors: str) -> list[str]:
 
 
 def cut_to(global_t: Tensor, local_t: Tensor, key: str) -> Tensor:
-    """The global tensor cut to the local rank: first r rows of A, first r columns of B."""
-    if is_lora_a(key):
-        cut = global_t[: local_t.shape[0]]
-    elif is_lora_b(key):
-        cut = global_t[:, : local_t.shape[1]]
-    else:
-        cut = global_t
+    """The global tensor cut to the local rank; a shape that cannot be cut is an error."""
+    cut = cut_tensor(key, global_t, local_t.shape[0] if is_lora_a(key) else local_t.shape[-1])
     if cut.shape != local_t.shape:
         raise ValueError(
             f"{key!r}: global shape {tuple(global_t.shape)} cannot be cut to the local shape "

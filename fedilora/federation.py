@@ -1,8 +1,9 @@
-"""The federated round's steps as plain functions of a shared runtime (no orchestration here).
+"""The federated round's steps as plain functions of a shared runtime, and the one round loop that
+the Prefect flow, the quality study and the in-process reference all run (no orchestration here).
 
-``Federation`` holds what is real state: the one base model with its adapter slots, the
-feature table and the client splits. Each step (``client_update``, ``aggregate``,
-``evaluate_global``) is called by the Prefect tasks or by ``run`` below; client adapters
+``Federation`` holds what is real state: the one base model with its adapter slots, the feature
+table and the client splits, and the run's aggregation method (``fedilora.methods``), whose hooks
+decide what a client receives, how updates combine and what the server keeps. Client adapters
 travel between steps as small ``{name: tensor}`` dicts, never as model copies.
 
 Client updates share the one model, so they hold a lock: on a 2-core machine torch already
@@ -13,24 +14,25 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 
-from fedilora import aggregation
+from fedilora import lora, methods
 from fedilora import metrics as task_metrics
 from fedilora.config import Params
 from fedilora.editing import EditRecord, edit_adapter
 from fedilora.inputs import FeatureTable
+from fedilora.lora import State
 from fedilora.models import adapters
-from fedilora.models.encoders import load_text_model
-from fedilora.models.multimodal import MultimodalClassifier
+from fedilora.models.families import family_of
+from fedilora.models.shared import ModelSpec, SharedModel, build
+from fedilora.seeds import derive_seed
 from fedilora.training import Subset, evaluate, train_local
 
-State = dict[str, torch.Tensor]
 PATTERNS = ("image", "text")  # global evaluation also runs with each modality absent
 
 
@@ -43,11 +45,6 @@ class ClientUpdate:
     loss: float
     metrics: dict[str, float]  # personalized: the client's own (edited) model on its test split
     edits: list[EditRecord] = field(default_factory=list)
-
-
-def derive_seed(*parts: int) -> int:
-    """A stable 63-bit seed from the run seed and step coordinates (round, client)."""
-    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def subsets_from_splits(splits: pd.DataFrame) -> tuple[dict[int, Subset], dict[int, Subset], Subset]:
@@ -66,36 +63,12 @@ def subsets_from_splits(splits: pd.DataFrame) -> tuple[dict[int, Subset], dict[i
     return train, test, subset(splits[splits.client == -1])
 
 
-def _base_model(params: Params, image_dim: int, num_classes: int) -> tuple[torch.nn.Module, dict]:
-    """The unwrapped base model and where its LoRA goes (``wrap_with_lora`` keyword arguments)."""
-    if params.model.name_or_path:  # a Hugging Face family (fedilora.models.hf); image_dim unused
-        from fedilora.models import hf
-
-        base, spec = hf.build(params.model, num_classes, params.seed)
-        return base, {"target_modules": spec.target_modules, "modules_to_save": spec.modules_to_save,
-                      "exclude_modules": spec.exclude_modules}
-    text_model = load_text_model(params.model.name, params.seed)
-    torch.manual_seed(params.seed)  # the projector and head start the same in every process
-    base = MultimodalClassifier(text_model, image_dim, num_classes, params.model.num_image_tokens)
-    return base, {"target_modules": params.model.target_modules}
-
-
-def build_model(params: Params, image_dim: int, num_classes: int) -> adapters.PeftModel:
-    """The base model wrapped with PEFT; its first slot is the initial global adapter (r_max)."""
-    base, lora = _base_model(params, image_dim, num_classes)
-    r_max = max(params.clients.client_ranks())
-    return adapters.wrap_with_lora(base, r_max, params.lora.alpha_for(r_max), dropout=params.lora.dropout, **lora)
-
-
-def load_adapter_model(params: Params, adapter_dir, image_dim: int, num_classes: int):
-    """A logged adapter (PEFT format) on a freshly built base model, ready for inference."""
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(_base_model(params, image_dim, num_classes)[0], str(adapter_dir)).eval()
+def model_spec(params: Params, table: FeatureTable) -> ModelSpec:
+    return ModelSpec.of(params, table.image_features.shape[1], task_metrics.num_classes(table.labels))
 
 
 class Federation:
-    def __init__(self, params: Params, table: FeatureTable, splits: pd.DataFrame, model=None):
+    def __init__(self, params: Params, table: FeatureTable, splits: pd.DataFrame, model: SharedModel | None = None):
         self.params = params
         self.table = table
         self.train_sets, self.test_sets, self.global_test = subsets_from_splits(splits)
@@ -105,70 +78,54 @@ class Federation:
                 f"splits hold {len(self.train_sets)} clients but clients.num_clients={len(self.ranks)}; "
                 "rerun `fedilora split`"
             )
-        self.strategy = aggregation.STRATEGIES[params.aggregation.method]
-        num_classes = task_metrics.num_classes(table.labels)
-        self.model = model if model is not None else build_model(params, table.image_features.shape[1], num_classes)
-        if not hasattr(self.model, "foundation_weights"):  # taken once, before any run changes them
-            self.model.foundation_weights = {
-                k: w.detach().clone() for k, w in adapters.target_base_weights(self.model).items()
-            }
-            first_slot = next(iter(self.model.peft_config))
-            self.model.initial_trained = {
-                k: v for k, v in adapters.get_state(self.model, first_slot).items() if "lora_" not in k
-            }
+        setup = methods.Setup(params.seed, tuple(self.ranks), params.lora.alpha_for)
+        self.strategy = methods.strategy(params.aggregation.method, setup, params.aggregation.options)
+        self.shared = model if model is not None else build(model_spec(params, table))
+        self.model = self.shared.peft
+        self.make_batch = family_of(params.model).make_batch
         self._lock = threading.RLock()
 
-    # ---- state helpers -------------------------------------------------------------------
-    def scaling(self, rank: int) -> float:
-        return self.params.lora.alpha_for(rank) / rank
-
+    # ---- slots and base weights --------------------------------------------------------------
     def _slot(self, rank: int, alpha: float) -> str:
         return adapters.ensure_slot(self.model, rank, alpha, self.params.lora.dropout)
 
+    def _client_slot(self, rank: int) -> str:
+        return self._slot(rank, self.params.lora.alpha_for(rank))
+
+    def _global_slot(self, state: State) -> str:
+        rank = lora.rank_of(state)
+        return self._slot(rank, self.strategy.global_alpha(rank))
+
     def initial_global_state(self) -> State:
-        """A seeded fresh adapter at the largest client rank (B = 0, so the model starts as the base)."""
+        """Round 1's global adapter (the method's; by default a seeded fresh one at the largest
+        client rank); the base weights are restored to the foundation model's first."""
         with self._lock:
-            self.reset_base()
-            r_max = max(self.ranks)
-            return self.fresh_state(r_max, derive_seed(self.params.seed, 0), template=self.model.initial_trained)
+            self.set_base_weights(None)
+            return self.strategy.initial(self.shared.initial)
 
-    def fresh_state(self, rank: int, seed: int, template: State) -> State:
-        """PEFT's default LoRA init (A Kaiming-uniform, B zero) at ``rank``, seeded; trained
-        non-LoRA parameters (projector, head) are copied from ``template``."""
-        slot = self._slot(rank, self.params.lora.alpha_for(rank))
-        state = adapters.get_state(self.model, slot)
-        gen = torch.Generator().manual_seed(seed)
-        for key, tensor in state.items():
-            if "lora_A." in key:
-                bound = 1.0 / math.sqrt(tensor.shape[1])
-                state[key] = (torch.rand(tensor.shape, generator=gen) * 2 - 1) * bound
-            elif "lora_B." in key:
-                state[key] = torch.zeros_like(tensor)
-            else:
-                state[key] = template[key].clone()
-        return state
+    def base_weights(self) -> State | None:
+        """The adapted layers' base weights if a method changed them (FLoRA merges into them),
+        else None: what a worker in another process needs to train on the same base."""
+        with self._lock:
+            if not self.shared.base_changed:
+                return None
+            return {k: w.detach().clone() for k, w in adapters.target_base_weights(self.model).items()}
 
-    def reset_base(self) -> None:
-        """Undo merges into the base weights (FLoRA) so a new run starts from the foundation model."""
-        self.set_base_weights(self.model.foundation_weights)
+    def set_base_weights(self, weights: State | None) -> None:
+        """Set the adapted layers' base weights; None restores the foundation model's."""
+        with self._lock:
+            if weights is None and not self.shared.base_changed:
+                return
+            source = self.shared.foundation if weights is None else weights
+            for key, weight in adapters.target_base_weights(self.model).items():
+                weight.data.copy_(source[key])
+            self.shared.base_changed = weights is not None
 
-    def base_weights(self) -> State:
-        """The adapted layers' base weights as they are now (FLoRA merges into them)."""
-        return {k: w.detach().clone() for k, w in adapters.target_base_weights(self.model).items()}
-
-    def set_base_weights(self, weights: State) -> None:
+    def _merge_into_base(self, delta: State) -> None:
         with self._lock:
             for key, weight in adapters.target_base_weights(self.model).items():
-                weight.data.copy_(weights[key])
-
-    def share_for(self, global_state: State, client: int, round_idx: int) -> State:
-        """What a client starts local training from this round."""
-        rank = self.ranks[client]
-        if self.strategy.fresh_clients and round_idx > 1:
-            return self.fresh_state(rank, derive_seed(self.params.seed, round_idx, client), template=global_state)
-        if self.strategy.fresh_clients:  # round 1: the global state is still an ordinary adapter
-            return aggregation.client_share(global_state, rank)
-        return aggregation.client_share(global_state, rank, scaling=self.scaling(rank), merged=self.strategy.merged)
+                weight.data += delta[key].to(weight.dtype)
+            self.shared.base_changed = True
 
     # ---- the round's steps -----------------------------------------------------------------
     def sample_clients(self, round_idx: int) -> list[int]:
@@ -177,14 +134,18 @@ class Federation:
         rng = np.random.default_rng(derive_seed(self.params.seed, round_idx, 7919))
         return sorted(int(c) for c in rng.choice(k, size=m, replace=False))
 
-    def client_update(self, client: int, global_state: State, round_idx: int) -> ClientUpdate:
-        """Local training from the global share, then FediLoRA's editing, then personal evaluation."""
+    def client_update(self, client: int, global_state: State, round_idx: int, base_weights: State | None = None) -> ClientUpdate:
+        """Local training from the method's share of the global adapter, then layer-wise editing
+        (where enabled and the method allows it), then personalized evaluation. ``base_weights``:
+        the server's base weights as :meth:`base_weights` gives them (None: the foundation's), so
+        a worker process whose model served another run trains on the server's base."""
         p = self.params
         rank = self.ranks[client]
         seed = derive_seed(p.seed, round_idx, client, 1)
-        with self._lock:  # slots may be created (fresh_state) and are swapped: one client at a time
-            share = self.share_for(global_state, client, round_idx)
-            slot = self._slot(rank, p.lora.alpha_for(rank))
+        with self._lock:  # slots may be created and are swapped: one client at a time
+            self.set_base_weights(base_weights)
+            share = self.strategy.share(global_state, client, round_idx)
+            slot = self._client_slot(rank)
             adapters.load_state(self.model, slot, share)
             adapters.activate(self.model, slot)
             torch.manual_seed(seed)  # dropout
@@ -198,10 +159,11 @@ class Federation:
                 weight_decay=p.federation.weight_decay,
                 fill=p.missing.fill,
                 generator=torch.Generator().manual_seed(seed),
+                make_batch=self.make_batch,
             )
             state = adapters.get_state(self.model, slot)
             edits: list[EditRecord] = []
-            if self.editing_applies(round_idx):
+            if p.editing.enabled and self.strategy.editable(round_idx):
                 state, edits = edit_adapter(
                     state,
                     share,
@@ -211,62 +173,24 @@ class Federation:
                     mode=p.editing.mode,
                 )
                 adapters.load_state(self.model, slot, state)
-            metrics = evaluate(self.model, self.table, self.test_sets[client], fill=p.missing.fill)
+            metrics = evaluate(self.model, self.table, self.test_sets[client], fill=p.missing.fill, make_batch=self.make_batch)
         return ClientUpdate(client, rank, len(self.train_sets[client]), state, loss, metrics, edits)
 
-    def editing_applies(self, round_idx: int) -> bool:
-        """Editing compares with the previous global adapter, which exists from round 2 on and
-        only for methods whose clients continue from a share of it (not FLoRA's fresh starts)."""
-        return self.params.editing.enabled and round_idx >= 2 and not self.strategy.fresh_clients
-
-    def aggregate(self, updates: list[ClientUpdate], previous: State) -> State:
-        """The new global state from this round's updates; ``previous`` fills the rank
-        dimensions that no sampled client owns."""
+    def aggregate(self, updates: Sequence[ClientUpdate], previous: State) -> State:
+        """The new global adapter from this round's updates (the method's rule); a method that
+        folds its update into the base weights does so here."""
         if not updates:
             raise ValueError("no client update to aggregate")
-        ranks = [u.rank for u in updates]
-        method = self.params.aggregation.method
-        # FlexLoRA's SVD must keep enough components for the largest client rank
-        options = {"rank": max(sum(ranks), max(self.ranks))} if method == "flexlora" else {}
-        state = aggregation.aggregate(
-            method,
-            [u.state for u in updates],
-            ranks,
-            [u.num_samples for u in updates],
-            scalings=[self.scaling(r) for r in ranks],
-            **options,
-        )
-        if self.strategy.fresh_clients:
-            return self._merge_into_base(state)
-        if not self.strategy.merged:
-            state = aggregation.keep_unowned(state, previous)
-        return state
-
-    def _merge_into_base(self, stacked: State) -> State:
-        """FLoRA: fold B @ A (client scalings already inside A) into the base weights; the global
-        adapter that remains is a fresh one carrying only the averaged trained modules."""
-        with self._lock:
-            weights = adapters.target_base_weights(self.model)
-            for key, weight in weights.items():
-                delta = stacked[key.replace("lora_A.", "lora_B.")] @ stacked[key]
-                weight.data += delta.to(weight.dtype)
-            r_max = max(self.ranks)
-            return self.fresh_state(r_max, derive_seed(self.params.seed, 0), template=stacked)
-
-    def global_slot(self, state: State) -> str:
-        """The slot that holds a global state: merged states (FlexLoRA) carry their scaling
-        inside the factors, so their slot has scaling 1 (alpha = rank)."""
-        merged = self.strategy.merged and not self.strategy.fresh_clients
-        return self._state_slot(state, merged)
-
-    def _state_slot(self, state: State, merged: bool) -> str:
-        rank = aggregation.global_rank(state)
-        return self._slot(rank, float(rank) if merged else self.params.lora.alpha_for(rank))
+        step = self.strategy.aggregate([u.state for u in updates], [u.rank for u in updates],
+                                       [u.num_samples for u in updates], previous)
+        if step.base_delta is not None:
+            self._merge_into_base(step.base_delta)
+        return step.state
 
     def save_adapter(self, state: State, directory, *, is_global: bool) -> None:
         """Write a state in PEFT's format (``PeftModel.from_pretrained`` loads it)."""
         with self._lock:
-            slot = self.global_slot(state) if is_global else self._state_slot(state, merged=False)
+            slot = self._global_slot(state) if is_global else self._client_slot(lora.rank_of(state))
             adapters.load_state(self.model, slot, state)
             adapters.save_adapter(self.model, slot, directory)
 
@@ -275,12 +199,13 @@ class Federation:
         ``patterns`` absent."""
         fill = self.params.missing.fill
         with self._lock:
-            slot = self.global_slot(state)
+            slot = self._global_slot(state)
             adapters.load_state(self.model, slot, state)
             adapters.activate(self.model, slot)
-            metrics = evaluate(self.model, self.table, self.global_test, fill=fill)
+            metrics = evaluate(self.model, self.table, self.global_test, fill=fill, make_batch=self.make_batch)
             for pattern in patterns:
-                for name, value in evaluate(self.model, self.table, self.global_test.drop(pattern), fill=fill).items():
+                absent = self.global_test.drop(pattern)
+                for name, value in evaluate(self.model, self.table, absent, fill=fill, make_batch=self.make_batch).items():
                     metrics[f"missing_{pattern}/{name}"] = value
         return metrics
 
@@ -309,25 +234,52 @@ class RoundResult:
         return out
 
 
+# ---- the round loop ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Steps:
+    """How a round's steps run. The in-process reference (:func:`local_steps`) calls the
+    Federation directly; the Prefect flow maps client tasks and wraps the others in tasks."""
+
+    train: Callable[[list[int], State, int], list[ClientUpdate]]  # (clients, global state, round)
+    aggregate: Callable[[list[ClientUpdate], State], State]
+    evaluate: Callable[[State, tuple[str, ...]], dict[str, float]]
+
+
+def local_steps(fed: Federation) -> Steps:
+    def train(clients: list[int], state: State, round_idx: int) -> list[ClientUpdate]:
+        base = fed.base_weights()
+        return [fed.client_update(c, state, round_idx, base) for c in clients]
+
+    return Steps(train=train, aggregate=fed.aggregate, evaluate=fed.evaluate_global)
+
+
 def run(
     fed: Federation,
-    on_round: Callable[[RoundResult, State], None] | None = None,
+    steps: Steps | None = None,
     *,
+    on_round: Callable[[list[RoundResult], State], None] | None = None,
+    resume: tuple[State, list[RoundResult]] | None = None,
     missing_every_round: bool = True,
 ) -> tuple[State, list[RoundResult]]:
-    """All rounds in-process, sequentially: the reference the orchestrated flow must match.
-    ``missing_every_round=False`` evaluates the missing-modality patterns after the last round
-    only (each costs as much as the full evaluation; per-round curves need only the latter)."""
-    global_state = fed.initial_global_state()
-    results = []
+    """Every round of a run: sample, train the sampled clients, aggregate, evaluate, report.
+
+    ``steps`` default to the in-process reference; ``on_round(results, state)`` runs after each
+    round with the results so far (logging, checkpoints); ``resume`` is (global state, results so far) of a run that
+    stopped after ``len(results)`` rounds. ``missing_every_round=False`` evaluates the
+    missing-modality patterns after the last round only (each costs as much as the full
+    evaluation; per-round curves need only the latter)."""
+    steps = steps or local_steps(fed)
+    state, results = (resume[0], list(resume[1])) if resume else (fed.initial_global_state(), [])
     rounds = fed.params.federation.rounds
-    for round_idx in range(1, rounds + 1):
+    for round_idx in range(len(results) + 1, rounds + 1):
         clients = fed.sample_clients(round_idx)
-        updates = [fed.client_update(c, global_state, round_idx) for c in clients]
-        global_state = fed.aggregate(updates, global_state)
+        updates = steps.train(clients, state, round_idx)
+        state = steps.aggregate(updates, state)
         patterns = PATTERNS if missing_every_round or round_idx == rounds else ()
-        result = RoundResult(round_idx, clients, fed.evaluate_global(global_state, patterns), updates)
+        result = RoundResult(round_idx, clients, steps.evaluate(state, patterns), updates)
         results.append(result)
         if on_round is not None:
-            on_round(result, global_state)
-    return global_state, results
+            on_round(results, state)
+    return state, results

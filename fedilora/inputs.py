@@ -1,23 +1,28 @@
 """Model inputs computed once per dataset: token ids and cached frozen image features.
 
-The image encoder never changes, so its features are computed in the ``prepare`` step and
-stored (safetensors); every client and round then only indexes tensors. The batch builder is
-where a missing modality becomes a mask, or, with ``missing.fill: placeholder`` (the official
-code's behaviour, for comparison), a neutral filler input.
+The image encoder never changes, so its features are computed in the ``prepare`` step (each model
+family's ``encode``) and stored (safetensors); every client and round then only indexes tensors.
+The batch builder is where a missing modality becomes a mask, or, with ``missing.fill:
+placeholder`` (the official code's behaviour, for comparison), a neutral filler input.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from fedilora.atomic import atomic_path
-from fedilora.models.encoders import ImageEncoder
 
 PLACEHOLDER_TEXT = ""  # tokenises to [CLS] [SEP]: a text that says nothing
+
+# make_batch(table, rows, has_image, has_text, fill) -> the model's keyword inputs plus ``labels``;
+# each model family has its own (fedilora.models.families)
+BatchFn = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor, str], dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -58,45 +63,16 @@ class FeatureTable:
         return cls(**{n: tensors[n] for n in names}, extra=extra)
 
 
-def encode(texts: list[str], images: list, labels, tokenizer, image_encoder: ImageEncoder, max_length: int) -> FeatureTable:
-    """``labels``: class ids, or a label tensor as it is ((N,) ids or (N, C) multi-hot rows)."""
-    tok = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    fill = tokenizer([PLACEHOLDER_TEXT], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    from PIL import Image
-
-    size = image_encoder.image_size
-    neutral = Image.new("RGB", (size, size), (127, 127, 127))  # normalises to ~0 for Lite models
-    features = image_encoder.features(images).float()
-    filler = image_encoder.features([neutral]).float()
-    # Per-dimension standardisation (label-free, from the frozen features alone): pooled CNN
-    # activations are skewed and on another scale than token embeddings, and fusion learns
-    # markedly better from standardised ones (measured: README, "model").
-    mean = features.mean(0)
-    std = features.std(0).clamp_min(1e-6) if len(features) > 1 else torch.ones_like(mean)
-    return FeatureTable(
-        input_ids=tok["input_ids"].long(),
-        text_mask=tok["attention_mask"].bool(),
-        image_features=(features - mean) / std,
-        labels=labels if isinstance(labels, torch.Tensor) else torch.tensor(labels, dtype=torch.long),
-        fill_input_ids=fill["input_ids"][0].long(),
-        fill_text_mask=fill["attention_mask"][0].bool(),
-        fill_image=((filler - mean) / std)[0],
-    )
-
-
-def make_batch(
+def feature_batch(
     table: FeatureTable,
     rows: torch.Tensor,
     has_image: torch.Tensor,
     has_text: torch.Tensor,
     fill: str = "absent",
 ) -> dict[str, torch.Tensor]:
-    """Inputs for ``MultimodalClassifier.forward`` (or a Hugging Face family's wrapper,
-    ``fedilora.models.hf``) plus ``labels``."""
-    if "answer_ids" in table.extra:  # a LLaVA prompt table: prompts and answers, not features
-        from fedilora.models.hf import prompt_batch
-
-        return prompt_batch(table, rows, has_image, has_text, fill)
+    """Inputs of a classifier over token ids and image features or pixels (the embedded model,
+    CLIP, ViLT: ``forward(input_ids, text_mask, image_features, has_image, has_text)``) plus
+    ``labels``."""
     input_ids = table.input_ids[rows]
     text_mask = table.text_mask[rows]
     image_features = table.image_features[rows]

@@ -8,15 +8,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from fedilora.atomic import atomic_path  # noqa: E402
-from fedilora.federation import RoundResult  # noqa: E402
-from fedilora.stages import write_json  # noqa: E402
+from fedilora.atomic import atomic_path
+from fedilora.federation import RoundResult
+from fedilora.stages import write_json
 
 ROUND_COLUMNS = {
     "global/accuracy": "global_accuracy",
@@ -102,27 +99,32 @@ def write_comparison(out_dir: Path, frames: dict[str, pd.DataFrame]) -> pd.DataF
 
 
 def plot_rounds(rounds: pd.DataFrame, path: Path, metric: str = "global_accuracy") -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for variant, group in rounds.groupby("variant", sort=False):
         ax.plot(group["round"], group[metric], marker="o", label=variant)
     ax.set_xlabel("round")
     ax.set_ylabel(metric.replace("_", " "))
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_clients(clients: pd.DataFrame, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.bar(clients["client"].astype(str), clients["accuracy"])
     ax.set_xlabel("client")
     ax.set_ylabel("personalized accuracy")
     ax.set_ylim(0, 1)
+    save_figure(fig, path)
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    """A PNG written atomically (a crash never leaves half an image where DVC expects a plot)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -168,5 +170,6 @@ def write_report(run_dir: Path, compare_dir: Path, report_dir: Path) -> Path:
         "",
     ]
     path = report_dir / "report.md"
-    path.write_text("\n".join(text))
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(text))
     return path

@@ -27,8 +27,8 @@ from fedilora.data import (
     split_statistics,
 )
 from fedilora.data.sources import is_multilabel, label_names
-from fedilora.inputs import FeatureTable, encode
-from fedilora.models.encoders import load_image_encoder, load_tokenizer
+from fedilora.inputs import FeatureTable
+from fedilora.models.families import family_of
 
 
 @dataclass(frozen=True)
@@ -114,28 +114,9 @@ def prepare(params: Params) -> FeatureTable:
     paths = DataPaths.of(params)
     ds = load_source(params, paths)
     labels = label_tensor(ds)
-    if params.model.name_or_path:  # a Hugging Face model: its own tokenizer and image processor
-        from fedilora.models import hf
-
-        table = hf.encode(
-            texts_of(ds, params.data.text_field),
-            decoded_images(ds, paths.source),
-            labels,
-            label_names(ds.features["label"]),
-            params.model,
-            params.data.max_text_length,
-        )
-    else:
-        table = encode(
-            texts_of(ds, params.data.text_field),
-            decoded_images(ds, paths.source),
-            labels,
-            load_tokenizer(),
-            load_image_encoder(params.model.name, params.data.image_size),
-            params.data.max_text_length,
-        )
+    texts, images, names = texts_of(ds, params.data.text_field), decoded_images(ds, paths.source), label_names(ds.features["label"])
+    table = family_of(params.model).encode(texts, images, labels, names, params.model, params.data)
     table.save(paths.features)
-    names = label_names(ds.features["label"])
     counts = labels.sum(0).long().tolist() if labels.ndim == 2 else labels.bincount(minlength=len(names)).tolist()
     write_json(paths.dataset_stats, {"num_samples": len(table), "num_classes": len(names), "classes": dict(zip(names, counts))})
     return table

@@ -20,7 +20,8 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedilora.config import METHODS, ConfigError, Params, RunnerConfig, load_params
+from fedilora import methods
+from fedilora.config import ConfigError, Params, RunnerConfig, load_params
 from fedilora.data import make_splits
 from fedilora.federation import Federation, run
 from fedilora.inputs import FeatureTable
@@ -56,8 +57,8 @@ class StudyConfig(BaseModel):
     def _known_names(self) -> "StudyConfig":
         for method in self.methods:
             name, _, suffix = method.partition("+")
-            if name not in METHODS or suffix not in ("", "edit"):
-                raise ValueError(f"methods: unknown method {method!r}; expected one of {sorted(METHODS)}, optionally with '+edit'")
+            if name not in methods.REGISTRY or suffix not in ("", "edit"):
+                raise ValueError(f"methods: unknown method {method!r}; expected one of {sorted(methods.REGISTRY)}, optionally with '+edit'")
         for sweep_name, sweep in self.sweeps.items():
             unknown = [r for r in sweep.ranks if r not in self.rank_sets]
             if unknown:

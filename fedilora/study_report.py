@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from fedilora import study as st  # noqa: E402
-from fedilora.atomic import atomic_path  # noqa: E402
+from fedilora import study as st
+from fedilora.atomic import atomic_path
+from fedilora.report import save_figure
 
 VIEWS = {"global_accuracy": "global", "personalized_accuracy": "personalized"}
 RIVALS = ["hetlora", "flora", "flexlora"]
@@ -62,7 +60,8 @@ def _reference_setting(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _plot_missing_rate(table: pd.DataFrame, reference: pd.DataFrame, path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2, sharey=True)
     for ax, (metric, view) in zip(axes, VIEWS.items()):
         for method, rows in reference.groupby("method", sort=False):
             rows = rows.sort_values("missing_rate")
@@ -71,14 +70,15 @@ def _plot_missing_rate(table: pd.DataFrame, reference: pd.DataFrame, path: Path)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"ranks: {reference['ranks'].iloc[0]}, Dirichlet alpha {reference['dirichlet_alpha'].iloc[0]:g}; mean ± std over seeds")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_rounds(results: pd.DataFrame, reference: pd.DataFrame, path: Path) -> None:
     rates = sorted(reference["missing_rate"].unique())
     setting = reference[reference["missing_rate"] == rates[len(rates) // 2]]["setting"].iloc[0]
     rows = results[results["setting"] == setting]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2, sharey=True)
     for ax, (metric, view) in zip(axes, VIEWS.items()):
         curves = rows.groupby(["method", "round"], sort=False)[metric].agg(["mean", "std"]).reset_index()
         for method, curve in curves.groupby("method", sort=False):
@@ -88,14 +88,7 @@ def _plot_rounds(results: pd.DataFrame, reference: pd.DataFrame, path: Path) -> 
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"setting {setting}; mean ± std over seeds")
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _markdown(study: st.StudyConfig, results: pd.DataFrame, table: pd.DataFrame, claims: dict, reference: pd.DataFrame) -> str:

@@ -8,18 +8,17 @@ tracking URI (``http://127.0.0.1:5000``, ``sqlite:///...``) is used as given.
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "1")
+import mlflow
+import pandas as pd
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
 
-import mlflow  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-from fedilora.config import Params  # noqa: E402
+from fedilora.config import Params
 
 DB_NAME = "mlflow.db"
 
@@ -120,3 +119,25 @@ def log_artifacts(local_dir: Path, artifact_path: str | None = None) -> None:
 
 def log_artifact(local_file: Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifact(str(local_file), artifact_path)
+
+
+def log_study_unit(frame: pd.DataFrame, params: Params, experiment: str) -> None:
+    """One MLflow run per method of a finished study unit (setting, seed): params, tags and
+    per-round metrics, written in one batch each."""
+    experiment_id = configure(params.model_copy(update={"tracking": params.tracking.model_copy(update={"experiment": experiment})}))
+    client = MlflowClient()
+    for method, rows in frame.groupby("method", sort=False):
+        first = rows.iloc[0]
+        name = f"{first['setting']}/{method}/seed{first['seed']}"
+        run = client.create_run(experiment_id, run_name=name, tags={"study": "quality", "method": method, "setting": first["setting"]})
+        now = int(time.time() * 1000)
+        metrics = [Metric(col.replace("global_", "global/").replace("personalized_", "personalized/"), float(v), now, int(r["round"]))
+                   for _, r in rows.iterrows() for col, v in r.items()
+                   if col.startswith(("global_", "personalized_")) and pd.notna(v)]
+        values = {"method": method, "ranks": first["ranks"], "rank_list": params.clients.ranks, "dirichlet_alpha": first["dirichlet_alpha"],
+                  "missing_rate": first["missing_rate"], "missing_pattern": first["pattern"], "seed": first["seed"],
+                  "rounds": params.federation.rounds}
+        client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in values.items()],
+                         tags=[RunTag("mlflow.runName", name)])
+        client.set_terminated(run.info.run_id)
+

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fedilora import metrics as task_metrics
-from fedilora.inputs import FeatureTable, make_batch
+from fedilora.inputs import BatchFn, FeatureTable, feature_batch
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ def _forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def length_bucketed_batches(lengths: torch.Tensor, batch_size: int, generator: torch.Generator | None, bucket: int = 4) -> list[torch.Tensor]:
     """Random batches whose members have similar text lengths: shuffle, sort by length within
-    windows of ``bucket`` batches, cut, shuffle the batches. Less padding to compute (make_batch
-    trims it), the same samples per epoch, still random and seeded."""
+    windows of ``bucket`` batches, cut, shuffle the batches. Less padding to compute (the batch
+    builders trim it), the same samples per epoch, still random and seeded."""
     order = torch.randperm(len(lengths), generator=generator)
     window = batch_size * bucket
     batches = []
@@ -66,6 +66,7 @@ def train_local(
     weight_decay: float = 0.0,
     fill: str = "absent",
     generator: torch.Generator | None = None,
+    make_batch: BatchFn = feature_batch,
 ) -> float:
     """AdamW over the trainable (active adapter) parameters; returns the mean training loss."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -90,7 +91,8 @@ def train_local(
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, table: FeatureTable, data: Subset, *, batch_size: int = 128, fill: str = "absent") -> torch.Tensor:
+def predict_logits(model: nn.Module, table: FeatureTable, data: Subset, *, batch_size: int = 128, fill: str = "absent",
+                   make_batch: BatchFn = feature_batch) -> torch.Tensor:
     """The model's logits (N, C) for the subset's rows, in the subset's order."""
     model.eval()
     # Length-sorted batches carry little padding (make_batch trims it); order restored below.
@@ -106,17 +108,12 @@ def predict_logits(model: nn.Module, table: FeatureTable, data: Subset, *, batch
     return logits if logits is not None else torch.zeros(0, 0)
 
 
-def predict(model: nn.Module, table: FeatureTable, data: Subset, *, batch_size: int = 128, fill: str = "absent") -> torch.Tensor:
-    """Class ids (argmax), or for multi-label data a 0/1 matrix of the predicted labels."""
-    logits = predict_logits(model, table, data, batch_size=batch_size, fill=fill)
-    return task_metrics.predictions(logits, task_metrics.task_of(table.labels))
-
-
-def evaluate(model: nn.Module, table: FeatureTable, data: Subset, *, batch_size: int = 128, fill: str = "absent") -> dict[str, float]:
+def evaluate(model: nn.Module, table: FeatureTable, data: Subset, *, batch_size: int = 128, fill: str = "absent",
+             make_batch: BatchFn = feature_batch) -> dict[str, float]:
     """The task's metrics (fedilora.metrics): accuracy and macro-F1 (over the classes present in
     truth or prediction); plus AUROC for binary, micro-F1 for multi-label data."""
     task = task_metrics.task_of(table.labels)
     if len(data) == 0:
         return task_metrics.empty(task)
-    logits = predict_logits(model, table, data, batch_size=batch_size, fill=fill).numpy()
+    logits = predict_logits(model, table, data, batch_size=batch_size, fill=fill, make_batch=make_batch).numpy()
     return task_metrics.compute(task, table.labels[data.rows].numpy(), logits)

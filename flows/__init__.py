@@ -15,5 +15,8 @@ for _name, _value in {
     "PREFECT_LOGGING_LEVEL": "WARNING",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Prefect's temporary local server can take longer than its default 20 s to start on a busy
+    # 2-core machine (pyproject.toml says the same for runs in this folder)
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }.items():
     os.environ.setdefault(_name, _value)

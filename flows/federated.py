@@ -1,5 +1,6 @@
-"""The ``federated_training`` flow: per round, map ``train_client`` over the sampled clients,
-reduce with ``aggregate``, evaluate, and log everything to MLflow.
+"""The ``federated_training`` flow: the one round loop (``fedilora.federation.run``) with Prefect
+steps: per round, map ``train_client`` over the sampled clients, reduce with ``aggregate``,
+evaluate, log everything to MLflow and checkpoint.
 
 ``compare_methods`` runs several variants as sibling MLflow runs under one parent run.
 """
@@ -17,7 +18,8 @@ from tqdm.auto import tqdm
 
 from fedilora import checkpoint, report, tracking
 from fedilora.config import Params, load_params
-from fedilora.federation import ClientUpdate, RoundResult
+from fedilora.federation import ClientUpdate, Federation, RoundResult, Steps, run
+from fedilora.lora import State
 from fedilora.stages import DataPaths, write_json
 from tasks import aggregate_updates, evaluate_global, train_client
 from tasks.runtime import federation
@@ -43,30 +45,38 @@ def _edits_record(result: RoundResult) -> dict:
     }
 
 
-def _train_round(params: Params, clients: list[int], state, round_idx: int) -> list[ClientUpdate]:
-    """Map ``train_client`` over the sampled clients; a client that still fails after its
-    retries is dropped from the round, which goes on if ``federation.min_clients`` succeeded."""
+def flow_steps(params: Params, fed: Federation) -> Steps:
+    """The round's steps as Prefect tasks: ``train_client`` mapped over the sampled clients (a
+    client that still fails after its retries is dropped; the round goes on if
+    ``federation.min_clients`` succeeded), ``aggregate`` and ``evaluate_global``."""
     trainer = train_client.with_options(retries=params.runner.retries)
-    fed = federation(params)
-    base = fed.base_weights() if fed.strategy.fresh_clients else None  # FLoRA's merges travel too
-    futures = trainer.map(unmapped(params), clients, unmapped(state), unmapped(round_idx), unmapped(base))
-    updates, failed = [], []
-    for client, future in zip(clients, futures):
-        try:
-            updates.append(future.result())
-        except Exception as err:  # the task's own error, after its retries
-            failed.append(client)
-            log.warning("round %d: client %d dropped (%s)", round_idx, client, err)
-    if len(updates) < params.federation.min_clients:
-        raise RuntimeError(
-            f"round {round_idx}: only {len(updates)} of {len(clients)} sampled clients succeeded "
-            f"(failed: {failed}); federation.min_clients={params.federation.min_clients}"
-        )
-    return updates
+
+    def train(clients: list[int], state: State, round_idx: int) -> list[ClientUpdate]:
+        futures = trainer.map(unmapped(params), clients, unmapped(state), unmapped(round_idx), unmapped(fed.base_weights()))
+        updates, failed = [], []
+        for client, future in zip(clients, futures):
+            try:
+                updates.append(future.result())
+            except Exception as err:  # the task's own error, after its retries
+                failed.append(client)
+                log.warning("round %d: client %d dropped (%s)", round_idx, client, err)
+        if len(updates) < params.federation.min_clients:
+            raise RuntimeError(
+                f"round {round_idx}: only {len(updates)} of {len(clients)} sampled clients succeeded "
+                f"(failed: {failed}); federation.min_clients={params.federation.min_clients}"
+            )
+        return updates
+
+    return Steps(
+        train=train,
+        aggregate=lambda updates, state: aggregate_updates(params, updates, state),
+        evaluate=lambda state, patterns: evaluate_global(params, state, patterns),
+    )
 
 
 def run_rounds(params: Params, out_dir: Path, variant: str, *, nested: bool = False) -> dict[str, float]:
-    """The round loop inside an MLflow run; writes DVC outputs to ``out_dir``.
+    """One run inside an MLflow run: resume from the checkpoint if there is one, the rounds
+    (``federation.run`` with Prefect steps), then the DVC outputs in ``out_dir``.
 
     After every round the global state, the personalized states and the results so far are
     checkpointed; rerunning the same command resumes after the last finished round, in the
@@ -80,29 +90,27 @@ def run_rounds(params: Params, out_dir: Path, variant: str, *, nested: bool = Fa
     if ckpt is not None and ckpt.params_hash != phash:
         log.warning("%s: checkpoint is for other params; starting afresh", ckpt_dir)
         ckpt = None
-    state = fed.initial_global_state()
-    results: list[RoundResult] = []
-    personal: dict[int, dict] = {}
-    run_id = None
+    personal: dict[int, State] = {}
+    resume, run_id = None, None
     if ckpt is not None:
-        checkpoint.check_shapes(ckpt, state, ckpt_dir)
-        state, personal, results, run_id = ckpt.global_state, ckpt.personal, ckpt.results, ckpt.run_id
-        if ckpt.base_weights is not None:
-            fed.set_base_weights(ckpt.base_weights)
+        checkpoint.check_shapes(ckpt, fed.initial_global_state(), ckpt_dir)
+        fed.set_base_weights(ckpt.base_weights)
+        resume, personal, run_id = (ckpt.global_state, ckpt.results), ckpt.personal, ckpt.run_id
         log.info("resuming %s after round %d", variant, ckpt.round)
-    first = len(results) + 1
     with tracking.start_run(params, variant, nested=nested, run_id=run_id, data_hash=data_hash(params)) as run:
-        for round_idx in tqdm(range(first, params.federation.rounds + 1), desc=f"{variant} rounds", unit="round"):
-            clients = fed.sample_clients(round_idx)
-            updates = _train_round(params, clients, state, round_idx)
-            state = aggregate_updates(params, updates, state)
-            result = RoundResult(round_idx, clients, evaluate_global(params, state), updates)
-            results.append(result)
-            personal.update({u.client: u.state for u in updates})
-            tracking.log_metrics(result.summary(), step=round_idx)
-            tracking.log_dict(_edits_record(result), f"edits/round_{round_idx:03d}.json")
-            base = fed.base_weights() if fed.strategy.fresh_clients else None
-            checkpoint.save(ckpt_dir, checkpoint.Checkpoint(round_idx, run.info.run_id, phash, state, personal, base, results))
+        progress = tqdm(total=params.federation.rounds, initial=ckpt.round if ckpt else 0, desc=f"{variant} rounds", unit="round")
+
+        def after_round(results: list[RoundResult], state: State) -> None:
+            result = results[-1]
+            personal.update({u.client: u.state for u in result.updates})
+            tracking.log_metrics(result.summary(), step=result.round)
+            tracking.log_dict(_edits_record(result), f"edits/round_{result.round:03d}.json")
+            checkpoint.save(ckpt_dir, checkpoint.Checkpoint(result.round, run.info.run_id, phash, state, personal,
+                                                            fed.base_weights(), results))
+            progress.update()
+
+        state, results = run(fed, flow_steps(params, fed), on_round=after_round, resume=resume)
+        progress.close()
         metrics = report.write_run_outputs(out_dir, results, variant)
         plot = out_dir / "accuracy.png"
         report.plot_rounds(report.rounds_frame(results, variant), plot)

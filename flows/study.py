@@ -18,10 +18,11 @@ from prefect import flow, task, unmapped
 from prefect.cache_policies import NONE
 
 from fedilora import study as st
-from fedilora import study_report
+from fedilora import study_report, tracking
 from fedilora.atomic import atomic_path
 from fedilora.config import Params
 from fedilora.stages import write_json
+from tasks.runtime import feature_table, shared_model
 
 log = logging.getLogger("fedilora")
 
@@ -30,39 +31,11 @@ log = logging.getLogger("fedilora")
 def study_setting(study: st.StudyConfig, setting: st.Setting, seed: int, threads: int | None) -> pd.DataFrame:
     """Every method on one (setting, seed), in whichever process the runner chose; that
     process keeps its feature table and base models for the next task."""
-    from tasks.runtime import feature_table, shared_model
-
     if threads:
         torch.set_num_threads(threads)
     params = st.run_params(study, setting, seed)
     table = feature_table(params)
     return st.run_setting(study, setting, seed, table, lambda p: shared_model(p, table))
-
-
-def _log_runs(frame: pd.DataFrame, params: Params, experiment: str) -> None:
-    """One MLflow run per method of a finished (setting, seed): params, tags, per-round metrics."""
-    from mlflow.entities import Metric, Param, RunTag
-    from mlflow.tracking import MlflowClient
-
-    from fedilora import tracking
-
-    tracking_params = params.model_copy(update={"tracking": params.tracking.model_copy(update={"experiment": experiment})})
-    experiment_id = tracking.configure(tracking_params)
-    client = MlflowClient()
-    for method, rows in frame.groupby("method", sort=False):
-        first = rows.iloc[0]
-        name = f"{first['setting']}/{method}/seed{first['seed']}"
-        run = client.create_run(experiment_id, run_name=name, tags={"study": "quality", "method": method, "setting": first["setting"]})
-        now = int(time.time() * 1000)
-        metrics = [Metric(col.replace("global_", "global/").replace("personalized_", "personalized/"), float(v), now, int(r["round"]))
-                   for _, r in rows.iterrows() for col, v in r.items()
-                   if col.startswith(("global_", "personalized_")) and pd.notna(v)]
-        values = {"method": method, "ranks": first["ranks"], "rank_list": params.clients.ranks, "dirichlet_alpha": first["dirichlet_alpha"],
-                  "missing_rate": first["missing_rate"], "missing_pattern": first["pattern"], "seed": first["seed"],
-                  "rounds": params.federation.rounds}
-        client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in values.items()],
-                         tags=[RunTag("mlflow.runName", name)])
-        client.set_terminated(run.info.run_id)
 
 
 @flow(name="quality_study")
@@ -83,7 +56,7 @@ def quality_study(study_path: str = "study/study.yaml") -> dict:
             frame = future.result()
             with atomic_path(files[setting.name, seed]) as tmp:
                 frame.to_csv(tmp, index=False)
-            _log_runs(frame, st.run_params(study, setting, seed), study.experiment)
+            tracking.log_study_unit(frame, st.run_params(study, setting, seed), study.experiment)
     elapsed = time.perf_counter() - start
     results = pd.concat([pd.read_csv(files[s.name, seed]) for s, seed in units], ignore_index=True)
     summary = study_report.write(study, results, study.report_dir)

@@ -8,7 +8,9 @@ from prefect.cache_policies import NONE
 from prefect.runtime import task_run
 
 from fedilora.config import Params
-from fedilora.federation import ClientUpdate, State, derive_seed
+from fedilora.federation import ClientUpdate
+from fedilora.lora import State
+from fedilora.seeds import derive_seed
 from tasks.runtime import federation
 
 
@@ -26,15 +28,12 @@ def inject_fault(params: Params, client: int, round_idx: int, attempt: int) -> N
 def train_client(
     params: Params, client: int, global_state: State, round_idx: int, base_weights: State | None = None
 ) -> ClientUpdate:
-    """Local training, FediLoRA editing and the client's personalized evaluation.
+    """Local training, editing and the client's personalized evaluation.
 
-    ``base_weights`` (FLoRA only) are the adapted layers' weights with the merges so far, so a
-    worker in another process trains on the same base as the server."""
+    ``base_weights`` are the server's adapted-layer weights when its method changed them (None:
+    the foundation model's), so a worker in another process trains on the same base."""
     inject_fault(params, client, round_idx, task_run.run_count or 1)
-    fed = federation(params)
-    if base_weights is not None:
-        fed.set_base_weights(base_weights)
-    return fed.client_update(client, global_state, round_idx)
+    return federation(params).client_update(client, global_state, round_idx, base_weights)
 
 
 @task(name="aggregate", cache_policy=NONE)
@@ -43,5 +42,5 @@ def aggregate_updates(params: Params, updates: list[ClientUpdate], previous: Sta
 
 
 @task(name="evaluate_global", cache_policy=NONE)
-def evaluate_global(params: Params, state: State) -> dict[str, float]:
-    return federation(params).evaluate_global(state)
+def evaluate_global(params: Params, state: State, patterns: tuple[str, ...]) -> dict[str, float]:
+    return federation(params).evaluate_global(state, patterns)

@@ -1,7 +1,8 @@
 """Per-process cache of what is expensive to build: the base model and the feature table.
 
-Tasks receive only small arguments (a run key, a client id, adapter states); each worker
-process builds its ``Federation`` once and every later task of that run reuses it.
+Tasks receive only small arguments (params, a client id, adapter states); each worker process
+builds its ``Federation`` once and every later task of that run reuses it. Runs whose models
+would be built alike (the same :class:`~fedilora.models.shared.ModelSpec`) share one model.
 """
 
 from __future__ import annotations
@@ -10,27 +11,18 @@ import threading
 
 import pandas as pd
 
-from fedilora import metrics as task_metrics
 from fedilora.config import Params
 from fedilora.data import load_splits
-from fedilora.federation import Federation, build_model
+from fedilora.federation import Federation, model_spec
 from fedilora.inputs import FeatureTable
+from fedilora.models.shared import SharedModel, build
 from fedilora.stages import DataPaths
 
 _lock = threading.RLock()
-_models: dict[str, object] = {}
+_models: dict[str, SharedModel] = {}
 _tables: dict[str, FeatureTable] = {}
 _splits: dict[str, pd.DataFrame] = {}
 _federations: dict[str, Federation] = {}
-
-
-def _model_key(params: Params, image_dim: int, num_classes: int) -> str:
-    m = params.model
-    return f"{m.name}|{m.num_image_tokens}|{','.join(m.target_modules)}|{params.seed}|{image_dim}|{num_classes}|{max(params.clients.client_ranks())}|{params.lora.alpha_for(max(params.clients.client_ranks()))}|{params.lora.dropout}|{m.name_or_path}"
-
-
-def run_key(params: Params) -> str:
-    return params.model_dump_json()
 
 
 def _load_once(cache: dict, path, load):
@@ -44,7 +36,7 @@ def _load_once(cache: dict, path, load):
 
 def federation(params: Params) -> Federation:
     """The runtime for these params in this process, built on first use."""
-    key = run_key(params)
+    key = params.model_dump_json()
     with _lock:
         if key not in _federations:
             table = feature_table(params)
@@ -58,14 +50,13 @@ def feature_table(params: Params) -> FeatureTable:
     return _load_once(_tables, DataPaths.of(params).features, FeatureTable.load)
 
 
-def shared_model(params: Params, table: FeatureTable):
+def shared_model(params: Params, table: FeatureTable) -> SharedModel:
     """The one base model of this process for these model settings (runs swap adapters on it)."""
+    spec = model_spec(params, table)
     with _lock:
-        num_classes = task_metrics.num_classes(table.labels)
-        mkey = _model_key(params, table.image_features.shape[1], num_classes)
-        if mkey not in _models:
-            _models[mkey] = build_model(params, table.image_features.shape[1], num_classes)
-        return _models[mkey]
+        if spec.key() not in _models:
+            _models[spec.key()] = build(spec)
+        return _models[spec.key()]
 
 
 def clear() -> None:

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 from PIL import Image
+
+# The CLI sets these in its entry point (flows/__init__.py); tests that call the library in
+# process need them too: offline, no telemetry.
+for _name, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1",
+                      "MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_name, _value)
 
 # Categories of the tiny fixture; one entry per (category, index) below, plus edge cases.
 _FIXTURE_CATEGORIES = ("Smileys & Emotion", "Animals & Nature", "Food & Drink", "Flags", "Symbols")

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedilora import aggregation, stages
+from fedilora import lora, stages
 from fedilora.config import load_params
-from fedilora.federation import Federation, build_model, run
+from fedilora.federation import Federation, model_spec, run
 from fedilora.inputs import FeatureTable
 from fedilora.models import adapters
+from fedilora.models.shared import build
 from tiny_project import write_project
 
 
@@ -54,7 +55,7 @@ def test_every_method_runs_and_learns(project, variant: str) -> None:
 def test_runs_are_deterministic_and_share_one_model(project) -> None:
     first = _federation(project, name="flora")
     _, a = run(first)
-    second = _federation(project, model=first.model, name="flora")  # FLoRA merged into the base
+    second = _federation(project, model=first.shared, name="flora")  # FLoRA merged into the base
     _, b = run(second)
     assert [r.summary() for r in a] == [r.summary() for r in b]
     assert second.model is first.model
@@ -77,7 +78,7 @@ def test_unowned_rank_dimensions_keep_the_previous_global(project) -> None:
     updates = [fed.client_update(c, previous, 1) for c in low]
     new = fed.aggregate(updates, previous)
     r_low, r_max = min(fed.ranks), max(fed.ranks)
-    assert aggregation.global_rank(new) == r_max
+    assert lora.rank_of(new) == r_max
     a_key = next(k for k in new if "lora_A." in k)
     assert torch.equal(new[a_key][r_low:], previous[a_key][r_low:])
     assert not torch.equal(new[a_key][:r_low], previous[a_key][:r_low])
@@ -94,4 +95,4 @@ def test_splits_must_match_the_client_count(project) -> None:
     table = FeatureTable.load(stages.DataPaths.of(params).features)
     other = params.model_copy(update={"clients": params.clients.model_copy(update={"num_clients": 5, "ranks": [2]})})
     with pytest.raises(ValueError, match="rerun `fedilora split`"):
-        Federation(other, table, splits, model=build_model(params, table.image_features.shape[1], 3))
+        Federation(other, table, splits, model=build(model_spec(params, table)))

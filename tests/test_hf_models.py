@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from fedilora.config import ConfigError, Params, load_params, parse_params
-from fedilora.federation import build_model
-from fedilora.inputs import make_batch
+from fedilora.inputs import feature_batch
+from fedilora.models.families import family_of
+from fedilora.models.shared import ModelSpec, build
 from fedilora.models import adapters, hf
 from fedilora.models.encoders import load_tokenizer
 from fedilora.training import Subset, evaluate, train_local
@@ -87,13 +88,18 @@ def _table(params: Params, n: int = 12):
     return hf.encode([words[y] for y in labels], images, labels, CLASSES, params.model, 8)
 
 
+def _build(params: Params):
+    """The PEFT-wrapped model of ``params`` (3 classes; image_dim unused by these families)."""
+    return build(ModelSpec.of(params, image_dim=3, num_classes=3)).peft
+
+
 MIXED = Subset(torch.arange(6), torch.tensor([True, False, True] * 2), torch.tensor([True, True, False] * 2))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rank_slots_on_one_base_model(checkpoints, family) -> None:
     params = _params(checkpoints[family])
-    model = build_model(params, 3, 3)  # first slot at r_max = 4
+    model = _build(params)  # first slot at r_max = 4
     small = adapters.ensure_slot(model, 2, params.lora.alpha_for(2))
     big = adapters.slot_name(4, params.lora.alpha_for(4))
     s4, s2 = adapters.get_state(model, big), adapters.get_state(model, small)
@@ -119,13 +125,15 @@ def test_training_step_moves_lora_not_base(checkpoints, family) -> None:
     params = _params(checkpoints[family])
     table = _table(params)
     assert table.image_features.shape == (12, 3, 32, 32)  # pixel values, not features
-    model = build_model(params, 3, 3)
+    model = _build(params)
     slot = adapters.ensure_slot(model, 2, params.lora.alpha_for(2))
     adapters.activate(model, slot)
     before = adapters.get_state(model, slot)
     base_before = {k: w.detach().clone() for k, w in adapters.target_base_weights(model).items()}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad and "lora_" not in n}
-    loss = train_local(model, table, MIXED, epochs=1, batch_size=6, lr=1e-2, generator=torch.Generator().manual_seed(0))
+    make_batch = family_of(params.model).make_batch
+    loss = train_local(model, table, MIXED, epochs=1, batch_size=6, lr=1e-2, generator=torch.Generator().manual_seed(0),
+                       make_batch=make_batch)
     assert loss == loss and loss > 0  # finite, not NaN
     after = adapters.get_state(model, slot)
     assert any(not torch.equal(before[k], after[k]) for k in before if "lora_B." in k)
@@ -134,18 +142,19 @@ def test_training_step_moves_lora_not_base(checkpoints, family) -> None:
     named = dict(model.named_parameters())
     assert all(torch.equal(named[n], p) for n, p in frozen.items())
     for data in (MIXED, MIXED.drop("image"), MIXED.drop("text")):  # a whole modality absent
-        metrics = evaluate(model, table, data)
+        metrics = evaluate(model, table, data, make_batch=make_batch)
         assert 0.0 <= metrics["accuracy"] <= 1.0
-    assert 0.0 <= evaluate(model, table, MIXED, fill="placeholder")["accuracy"] <= 1.0
+    assert 0.0 <= evaluate(model, table, MIXED, fill="placeholder", make_batch=make_batch)["accuracy"] <= 1.0
 
 
 @pytest.mark.parametrize("family", ["clip", "vilt"])
 def test_absent_modality_never_influences_logits(checkpoints, family) -> None:
     params = _params(checkpoints[family])
     table = _table(params)
-    model = build_model(params, 3, 3).eval()
+    model = _build(params).eval()
+    assert family_of(params.model).make_batch is feature_batch
     for data in (MIXED, MIXED.drop("image"), MIXED.drop("text")):
-        batch = make_batch(table, data.rows, data.has_image, data.has_text)
+        batch = feature_batch(table, data.rows, data.has_image, data.has_text)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         with torch.no_grad():
             logits = model(**inputs)
@@ -163,7 +172,8 @@ def test_llava_prompts_answers_and_matching(checkpoints) -> None:
     config = hf.load_config(str(checkpoints["llava"]))
     image_id, n_image = config.image_token_id, hf.num_image_tokens(config)
     assert n_image == 4
-    batch = make_batch(table, MIXED.rows, MIXED.has_image, MIXED.has_text)
+    assert family_of(params.model).make_batch is hf.prompt_batch
+    batch = hf.prompt_batch(table, MIXED.rows, MIXED.has_image, MIXED.has_text)
     # pixels only for the samples that show an image, and exactly their image tokens
     shows = MIXED.has_image
     assert batch["pixel_values"].shape[0] == int(shows.sum())
@@ -185,7 +195,7 @@ def test_llava_prompts_answers_and_matching(checkpoints) -> None:
     assert hf.match_answer("reddish", CLASSES) == -1
     assert hf.match_answer("", CLASSES) == -1
 
-    model = build_model(params, 3, 3).eval()
+    model = _build(params).eval()
     base = model.get_base_model()
     assert base.class_names(batch["answer_ids"], batch["answer_mask"]) == CLASSES
     width = batch["prompt_ids"].shape[1]

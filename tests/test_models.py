@@ -9,9 +9,9 @@ import torch
 from peft import PeftModel
 from PIL import Image
 
-from fedilora.inputs import encode, make_batch
+from fedilora.inputs import feature_batch as make_batch
 from fedilora.models import adapters
-from fedilora.models.encoders import load_image_encoder, load_text_model, load_tokenizer
+from fedilora.models.encoders import encode, load_image_encoder, load_text_model, load_tokenizer
 from fedilora.models.multimodal import MultimodalClassifier
 from fedilora.training import Subset, evaluate, train_local
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from fedilora.inputs import encode, make_batch
+from fedilora.inputs import feature_batch
 from fedilora.models import adapters
-from fedilora.models.encoders import load_image_encoder, load_text_model, load_tokenizer
+from fedilora.models.encoders import encode, load_image_encoder, load_text_model, load_tokenizer
 from fedilora.models.multimodal import MultimodalClassifier
 
 
@@ -24,7 +24,7 @@ def test_embedded_model_loads_offline_and_runs_with_missing_modalities() -> None
     slot4 = adapters.ensure_slot(model, 4, 8.0)
     adapters.activate(model, slot4)
     rows = torch.arange(3)
-    batch = make_batch(table, rows, torch.tensor([True, False, True]), torch.tensor([True, True, False]))
+    batch = feature_batch(table, rows, torch.tensor([True, False, True]), torch.tensor([True, True, False]))
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != "labels"})
     assert logits.shape == (3, 3) and torch.isfinite(logits).all()

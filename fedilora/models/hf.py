@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from fedilora.inputs import PLACEHOLDER_TEXT, FeatureTable
+
 FAMILIES = ("clip", "vilt", "llava")
 EMBEDDED_TARGETS = ["query", "value"]  # ModelConfig's default: the embedded BERT's layer names
 DEFAULT_TARGETS = {"clip": ["q_proj", "v_proj"], "vilt": ["query", "value"], "llava": ["q_proj", "v_proj"]}
@@ -198,8 +200,6 @@ class LlavaClassifier(nn.Module):
     eval mode, greedy generation as one-hot scores (B, C + 1), the last column meaning "no class
     name matched" (always wrong), so the usual argmax metrics apply."""
 
-    generative = True
-
     def __init__(self, llava, tokenizer):
         super().__init__()
         self.llava = llava
@@ -261,8 +261,6 @@ def build(model_cfg, num_classes: int, seed: int = 0) -> tuple[nn.Module, LoraSp
 def encode(texts: list[str], images: list, labels, class_names: list[str], model_cfg, max_length: int):
     """``FeatureTable`` of the checkpoint's own inputs: token ids and masks, pixel values
     (N, 3, H, W) in ``image_features``, the processed neutral grey image as ``fill_image``."""
-    from fedilora.inputs import PLACEHOLDER_TEXT, FeatureTable
-
     name = str(model_cfg.name_or_path)
     config = load_config(name)
     family = family_of(config)
@@ -317,8 +315,6 @@ def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _encode_prompts(texts, pixels, fill_image, labels, class_names, config, proc, max_length):
-    from fedilora.inputs import FeatureTable
-
     if labels.ndim != 1:
         raise ValueError("model.name_or_path: a LLaVA model answers with one class name; multi-label data needs a classifier family (clip, vilt)")
     tok = proc.tokenizer
@@ -356,10 +352,6 @@ def _encode_prompts(texts, pixels, fill_image, labels, class_names, config, proc
         fill_image=fill_image,
         extra=extra,
     )
-
-
-def is_prompt_table(table) -> bool:
-    return "answer_ids" in table.extra
 
 
 def prompt_batch(table, rows: torch.Tensor, has_image: torch.Tensor, has_text: torch.Tensor, fill: str = "absent") -> dict:

@@ -1,0 +1,24 @@
+"""FedAvg: the weighted mean of every factor (McMahan et al. 2017). Defined for equal ranks only;
+with heterogeneous ranks use hetlora, flora, flexlora or fedilora."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from fedilora import aggregation
+from fedilora.lora import State
+from fedilora.methods.base import Strategy
+
+
+class FedAvg(Strategy):
+    name = "fedavg"
+
+    def combine(self, states: Sequence[State], ranks: Sequence[int], p: Tensor, scalings: Sequence[float]) -> State:
+        if len(set(ranks)) > 1:
+            raise ValueError(
+                f"fedavg needs equal ranks across clients, got ranks {list(ranks)}; "
+                "use hetlora, flora, flexlora or fedilora for heterogeneous ranks"
+            )
+        return aggregation.padded_sum(states, ranks, aggregation.per_client(p, ranks[0]))

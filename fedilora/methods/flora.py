@@ -1,0 +1,42 @@
+"""FLoRA (Wang et al. 2024), stacking: A = concat_k(p_k s_k A_k) along the rank, B = concat_k(B_k),
+so B A = sum_k p_k s_k B_k A_k exactly, each client's own scaling applied. The server folds that
+product into the base weights of the adapted layers; every client then starts a fresh LoRA at its
+rank on the updated base (so client editing, which compares with a shared global adapter, never
+applies), and the global adapter that remains carries only the averaged trained modules."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from fedilora import aggregation, lora
+from fedilora.lora import State, a_keys, b_key
+from fedilora.methods.base import ServerStep, Strategy, combine
+from fedilora.seeds import derive_seed
+
+
+class FLoRA(Strategy):
+    name = "flora"
+
+    def share(self, global_state: State, client: int, round_idx: int) -> State:
+        if round_idx == 1:  # the global adapter is still an ordinary (fresh) one
+            return super().share(global_state, client, round_idx)
+        rank = self.setup.ranks[client]
+        return lora.fresh(global_state, rank, derive_seed(self.setup.seed, round_idx, client))
+
+    def editable(self, round_idx: int) -> bool:
+        return False
+
+    def combine(self, states: Sequence[State], ranks: Sequence[int], p: Tensor, scalings: Sequence[float]) -> State:
+        coef = [pk * sk for pk, sk in zip(p.tolist(), scalings)]
+        out: State = {}
+        for key in a_keys(states[0]):
+            out[key], out[b_key(key)] = aggregation.stacked(states, key, coef)
+        return out
+
+    def aggregate(self, states: Sequence[State], ranks: Sequence[int], num_samples: Sequence[int],
+                  previous: State) -> ServerStep:
+        stacked = combine(self, states, ranks, num_samples, [self.setup.scaling(r) for r in ranks])
+        delta = {key: stacked[b_key(key)] @ stacked[key] for key in a_keys(stacked)}
+        return ServerStep(self.initial(stacked), base_delta=delta)

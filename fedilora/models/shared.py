@@ -1,0 +1,70 @@
+"""The one base model of a process: built once from a :class:`ModelSpec`, wrapped with PEFT, and
+shared by every run and client in the process (clients swap adapter slots on it).
+
+A :class:`SharedModel` keeps, beside the PEFT model, what must survive runs that change it: the
+adapted layers' foundation weights (FLoRA folds its updates into them; a new run restores them)
+and the first slot's state at build time (the keys and shapes of a fresh adapter, and the seeded
+initial projector and head)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from fedilora.config import ModelConfig, Params
+from fedilora.lora import State
+from fedilora.models import adapters
+from fedilora.models.families import family_of
+
+
+class ModelSpec(BaseModel):
+    """Everything building the base model reads, derived from the params and the feature table;
+    its JSON is the key of the process-wide model cache, so two runs share a model exactly when
+    they would build the same one."""
+
+    model_config = ConfigDict(frozen=True)
+    model: ModelConfig
+    seed: int
+    image_dim: int
+    num_classes: int
+    rank: int  # the first slot's: the largest client rank
+    alpha: float
+    dropout: float
+
+    @classmethod
+    def of(cls, params: Params, image_dim: int, num_classes: int) -> "ModelSpec":
+        rank = max(params.clients.client_ranks())
+        return cls(model=params.model, seed=params.seed, image_dim=image_dim, num_classes=num_classes, rank=rank,
+                   alpha=params.lora.alpha_for(rank), dropout=params.lora.dropout)
+
+    def key(self) -> str:
+        return self.model_dump_json()
+
+
+@dataclass
+class SharedModel:
+    peft: adapters.PeftModel
+    foundation: State  # the adapted layers' base weights as built, keyed like their lora_A
+    initial: State  # the first slot's state as built
+    base_changed: bool = False  # whether the adapted layers' base weights now differ from ``foundation``
+
+
+def base_model(spec: ModelSpec):
+    """The unwrapped base model and where its LoRA goes (``wrap_with_lora`` keyword arguments)."""
+    return family_of(spec.model).build(spec.model, spec.num_classes, spec.seed, spec.image_dim)
+
+
+def build(spec: ModelSpec) -> SharedModel:
+    base, lora_kwargs = base_model(spec)
+    peft = adapters.wrap_with_lora(base, spec.rank, spec.alpha, dropout=spec.dropout, **lora_kwargs)
+    foundation = {k: w.detach().clone() for k, w in adapters.target_base_weights(peft).items()}
+    return SharedModel(peft, foundation, adapters.get_state(peft, next(iter(peft.peft_config))))
+
+
+def load_adapter_model(spec: ModelSpec, adapter_dir: Path):
+    """A logged adapter (PEFT format) on a freshly built base model, ready for inference."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base_model(spec)[0], str(adapter_dir)).eval()
