@@ -18,7 +18,7 @@ import torch
 import flows  # noqa: F401  (offline defaults)
 from fedilora.config import load_params
 from fedilora.models import adapters
-from fedilora.stages import write_json
+from fedilora.atomic import write_json
 from fedilora.training import Subset, evaluate, train_local
 from tasks.runtime import federation
 

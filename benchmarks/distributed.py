@@ -44,7 +44,7 @@ os.chdir(ROOT)
 import psutil  # noqa: E402
 
 from fedilora.config import load_params  # noqa: E402
-from fedilora.stages import DataPaths  # noqa: E402
+from fedilora.paths import DataPaths  # noqa: E402
 
 FEDILORA = Path(sys.executable).parent / "fedilora"
 

@@ -4,6 +4,7 @@ sibling, then rename it over the target (atomic on POSIX). The previous one stay
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -47,3 +48,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Atomic: a crash leaves the previous file, never half of a new one."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

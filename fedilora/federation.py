@@ -63,6 +63,23 @@ def subsets_from_splits(splits: pd.DataFrame) -> tuple[dict[int, Subset], dict[i
     return train, test, subset(splits[splits.client == -1])
 
 
+def method_setup(params: Params) -> methods.Setup:
+    return methods.Setup(params.seed, tuple(params.clients.client_ranks()), params.lora.alpha_for)
+
+
+def check_methods(params: Params) -> None:
+    """The configured method and every compared variant exist and accept their options and the
+    clients' ranks; errors name the param. Called before a run starts, so a bad variant does not
+    surface after the others ran."""
+    runs = [("aggregation", params.aggregation)]
+    runs += [(f"compare.variants: {v}", params.variant(v).aggregation) for v in params.compare.variants]
+    for where, aggregation in runs:
+        try:
+            methods.strategy(aggregation.method, method_setup(params), aggregation.options)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+
+
 def model_spec(params: Params, table: FeatureTable) -> ModelSpec:
     return ModelSpec.of(params, table.image_features.shape[1], task_metrics.num_classes(table.labels))
 
@@ -78,8 +95,7 @@ class Federation:
                 f"splits hold {len(self.train_sets)} clients but clients.num_clients={len(self.ranks)}; "
                 "rerun `fedilora split`"
             )
-        setup = methods.Setup(params.seed, tuple(self.ranks), params.lora.alpha_for)
-        self.strategy = methods.strategy(params.aggregation.method, setup, params.aggregation.options)
+        self.strategy = methods.strategy(params.aggregation.method, method_setup(params), params.aggregation.options)
         self.shared = model if model is not None else build(model_spec(params, table))
         self.model = self.shared.peft
         self.make_batch = family_of(params.model).make_batch

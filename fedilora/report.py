@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-from fedilora.atomic import atomic_path
-from fedilora.federation import RoundResult
-from fedilora.stages import write_json
+from fedilora.atomic import atomic_path, write_json
+
+if TYPE_CHECKING:  # results arrive from the flows; the report stage itself reads only files
+    from fedilora.federation import RoundResult
 
 ROUND_COLUMNS = {
     "global/accuracy": "global_accuracy",

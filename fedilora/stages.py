@@ -4,9 +4,6 @@ client splits. Paths all derive from ``data.root`` so DVC can declare them as ou
 from __future__ import annotations
 
 import io
-import json
-from dataclasses import dataclass
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -14,7 +11,7 @@ import PIL.Image
 import torch
 
 from fedilora import metrics as task_metrics
-from fedilora.atomic import atomic_path
+from fedilora.atomic import write_json
 from fedilora.config import Params
 from fedilora.data import (
     DatasetError,
@@ -29,41 +26,7 @@ from fedilora.data import (
 from fedilora.data.sources import is_multilabel, label_names
 from fedilora.inputs import FeatureTable
 from fedilora.models.families import family_of
-
-
-@dataclass(frozen=True)
-class DataPaths:
-    root: Path
-    source: str
-
-    @classmethod
-    def of(cls, params: Params) -> "DataPaths":
-        return cls(Path(params.data.root), params.data.source)
-
-    @property
-    def dataset(self) -> Path:
-        """The prepared copy every later stage reads (a DVC output, whatever the source)."""
-        return self.root / "dataset"
-
-    @property
-    def npm_cache(self) -> Path:
-        return self.root / "npm"
-
-    @property
-    def features(self) -> Path:
-        return self.root / "features.safetensors"
-
-    @property
-    def splits(self) -> Path:
-        return self.root / "splits.parquet"
-
-    @property
-    def split_stats(self) -> Path:
-        return self.root / "split_stats.json"
-
-    @property
-    def dataset_stats(self) -> Path:
-        return self.root / "dataset_stats.json"
+from fedilora.paths import DataPaths
 
 
 def load_source(params: Params, paths: DataPaths):
@@ -144,9 +107,3 @@ def split(params: Params):
     save_splits(splits, paths.splits)
     write_json(paths.split_stats, split_statistics(splits, labels, task_metrics.num_classes(table.labels)))
     return splits
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Atomic: a crash leaves the previous file, never half of a new one."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

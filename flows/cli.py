@@ -29,16 +29,18 @@ def _overrides(pairs: list[str]) -> dict:
 
 def cmd_prepare(args, params) -> None:
     from fedilora import stages
+    from fedilora.paths import DataPaths
 
     table = stages.prepare(params)
-    print(f"prepared {len(table)} samples -> {stages.DataPaths.of(params).features}")
+    print(f"prepared {len(table)} samples -> {DataPaths.of(params).features}")
 
 
 def cmd_split(args, params) -> None:
     from fedilora import stages
+    from fedilora.paths import DataPaths
 
     splits = stages.split(params)
-    print(f"split {len(splits)} assignments over {params.clients.num_clients} clients -> {stages.DataPaths.of(params).splits}")
+    print(f"split {len(splits)} assignments over {params.clients.num_clients} clients -> {DataPaths.of(params).splits}")
 
 
 def check_prefect_server() -> None:

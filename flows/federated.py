@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 
 from fedilora import checkpoint, report, tracking
 from fedilora.config import Params, load_params
-from fedilora.federation import ClientUpdate, Federation, RoundResult, Steps, run
+from fedilora.federation import ClientUpdate, Federation, RoundResult, Steps, check_methods, run
 from fedilora.lora import State
-from fedilora.stages import DataPaths, write_json
+from fedilora.atomic import write_json
+from fedilora.paths import DataPaths
 from tasks import aggregate_updates, evaluate_global, train_client
 from tasks.runtime import federation
 
@@ -134,6 +135,7 @@ def run_rounds(params: Params, out_dir: Path, variant: str, *, nested: bool = Fa
 def federated_training(params_path: str = "params.yaml", overrides: dict | None = None, out_dir: str = "outputs/federate") -> dict:
     """One federated run with the configured method; returns its final metrics."""
     params = load_params(params_path, overrides)
+    check_methods(params)
     variant = params.aggregation.method + ("+edit" if params.editing.enabled else "")
     return run_rounds(params, Path(out_dir), variant)
 
@@ -142,6 +144,7 @@ def federated_training(params_path: str = "params.yaml", overrides: dict | None 
 def compare_methods(params_path: str = "params.yaml", overrides: dict | None = None, out_dir: str = "outputs/compare") -> dict:
     """Each variant of ``compare.variants`` as a nested MLflow run under one parent run."""
     params = load_params(params_path, overrides)
+    check_methods(params)
     frames = {}
     with tracking.start_run(params, "compare"):
         for variant in params.compare.variants:

@@ -21,7 +21,7 @@ from fedilora import study as st
 from fedilora import study_report, tracking
 from fedilora.atomic import atomic_path
 from fedilora.config import Params
-from fedilora.stages import write_json
+from fedilora.atomic import write_json
 from tasks.runtime import feature_table, shared_model
 
 log = logging.getLogger("fedilora")

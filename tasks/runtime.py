@@ -16,7 +16,7 @@ from fedilora.data import load_splits
 from fedilora.federation import Federation, model_spec
 from fedilora.inputs import FeatureTable
 from fedilora.models.shared import SharedModel, build
-from fedilora.stages import DataPaths
+from fedilora.paths import DataPaths
 
 _lock = threading.RLock()
 _models: dict[str, SharedModel] = {}

@@ -43,7 +43,6 @@ def test_repository_params_file_is_valid_and_complete() -> None:
         ({"clients": {"num_clients": 2, "ranks": [-1, 4]}}, "clients.ranks.0"),
         ({"missing": {"rate": 1.5}}, "missing.rate"),
         ({"missing": {"pattern": "audio"}}, "missing.pattern"),
-        ({"aggregation": {"method": "fedprox"}}, "aggregation.method"),
         ({"clients": {"dirichlet_alpha": 0}}, "clients.dirichlet_alpha"),
         ({"editing": {"mode": "swap"}}, "editing.mode"),
         ({"runner": {"task_runner": "spark"}}, "runner.task_runner"),
@@ -59,12 +58,19 @@ def test_bad_values_name_their_field(tmp_path: Path, data: dict, field: str) -> 
     assert "params.yaml" in str(err.value)
 
 
-def test_fedavg_with_heterogeneous_ranks_is_rejected(tmp_path: Path) -> None:
-    data = {"aggregation": {"method": "fedavg"}, "compare": {"variants": ["fedavg"]}}
-    with pytest.raises(ConfigError, match="fedavg needs equal ranks"):
-        load_params(_write(tmp_path, data))
+def test_methods_are_checked_before_a_run(tmp_path: Path) -> None:
+    """The params file knows no method; ``check_methods`` (run first by the flows) names the param."""
+    from fedilora.federation import check_methods
+
+    data = {"aggregation": {"method": "fedilora"}, "compare": {"variants": ["hetlora", "fedavg"]}}
+    with pytest.raises(ValueError, match=r"compare.variants: fedavg: fedavg needs equal ranks.*clients.ranks"):
+        check_methods(load_params(_write(tmp_path, data)))
     data["clients"] = {"num_clients": 3, "ranks": [8]}
-    assert load_params(_write(tmp_path, data)).clients.client_ranks() == [8, 8, 8]
+    check_methods(load_params(_write(tmp_path, data)))
+    with pytest.raises(ValueError, match=r"aggregation: unknown aggregation method 'fedprox'.*fedilora"):
+        check_methods(load_params(_write(tmp_path, {"aggregation": {"method": "fedprox"}})))
+    with pytest.raises(ValueError, match=r"aggregation: method 'fedilora' got unknown options \['rnak'\]"):
+        check_methods(load_params(_write(tmp_path, {"aggregation": {"options": {"rnak": 3}}})))
 
 
 def test_rank_list_length_must_match_clients(tmp_path: Path) -> None:

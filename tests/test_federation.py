@@ -14,6 +14,7 @@ from fedilora.federation import Federation, model_spec, run
 from fedilora.inputs import FeatureTable
 from fedilora.models import adapters
 from fedilora.models.shared import build
+from fedilora.paths import DataPaths
 from tiny_project import write_project
 
 
@@ -34,7 +35,7 @@ def _federation(project, model=None, **variant) -> Federation:
     params, splits = project
     if variant:
         params = params.variant(variant["name"])
-    table = FeatureTable.load(stages.DataPaths.of(params).features)
+    table = FeatureTable.load(DataPaths.of(params).features)
     return Federation(params, table, splits, model=model)
 
 
@@ -92,7 +93,7 @@ def test_sampling_is_seeded(project) -> None:
 
 def test_splits_must_match_the_client_count(project) -> None:
     params, splits = project
-    table = FeatureTable.load(stages.DataPaths.of(params).features)
+    table = FeatureTable.load(DataPaths.of(params).features)
     other = params.model_copy(update={"clients": params.clients.model_copy(update={"num_clients": 5, "ranks": [2]})})
     with pytest.raises(ValueError, match="rerun `fedilora split`"):
         Federation(other, table, splits, model=build(model_spec(params, table)))

@@ -9,16 +9,19 @@ from torch import Tensor
 
 from fedilora import aggregation
 from fedilora.lora import State
-from fedilora.methods.base import Strategy
+from fedilora.methods.base import Options, Setup, Strategy
 
 
 class FedAvg(Strategy):
     name = "fedavg"
 
-    def combine(self, states: Sequence[State], ranks: Sequence[int], p: Tensor, scalings: Sequence[float]) -> State:
-        if len(set(ranks)) > 1:
+    def __init__(self, setup: Setup, options: Options | None = None):
+        if len(set(setup.ranks)) > 1:
             raise ValueError(
-                f"fedavg needs equal ranks across clients, got ranks {list(ranks)}; "
+                f"fedavg needs equal ranks across clients, got clients.ranks={list(setup.ranks)}; "
                 "use hetlora, flora, flexlora or fedilora for heterogeneous ranks"
             )
+        super().__init__(setup, options)
+
+    def combine(self, states: Sequence[State], ranks: Sequence[int], p: Tensor, scalings: Sequence[float]) -> State:
         return aggregation.padded_sum(states, ranks, aggregation.per_client(p, ranks[0]))
