@@ -134,8 +134,8 @@ def stage_modules(cmd: str) -> set[str]:
 
 
 def _covered(path: Path, deps: list[str], wdir: Path) -> bool:
-    rel = path.relative_to(REPO)
-    return any(rel == (wdir / d).relative_to(REPO) or (wdir / d).relative_to(REPO) in rel.parents for d in deps)
+    targets = [(wdir / d).resolve() for d in deps]
+    return any(path == t or t in path.parents for t in targets)
 
 
 @pytest.mark.parametrize("dvc_file", ["dvc.yaml", "study/dvc.yaml"])
