@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fedilora import aggregation
+from fedilora import aggregation, lora, methods
+from fedilora.methods import aggregate as agg_method
 
 RANKS = [4, 8, 16, 32, 64, 4, 8, 16, 32, 64]
 EQUAL_RANKS = [32] * 10
@@ -36,8 +37,9 @@ LAYERS = 100
 WIDTH = 768
 HEAD = (9, 768)  # a small trained head (modules_to_save), averaged with p_k
 SEED = 0
-GOAL_FLOOR = 1.5  # fedilora time / floor time
-GOAL_OFFICIAL = 4.0  # official time / fedilora time
+GOAL_FLOOR = 1.3  # fedilora time / floor time
+GOAL_OFFICIAL = 5.0  # official time / fedilora time
+GOAL_OVERHEAD = 0.10  # input validation and dispatch / fedilora time
 
 
 # --------------------------------------------------------------------------- inputs
@@ -54,7 +56,7 @@ def make_inputs(ranks: list[int], seed: int = SEED) -> tuple[list[dict[str, torc
         state = {}
         for i in range(LAYERS):
             state[a_key(i)] = torch.randn(r, WIDTH, generator=gen)
-            state[aggregation.b_key(a_key(i))] = torch.randn(WIDTH, r, generator=gen)
+            state[lora.b_key(a_key(i))] = torch.randn(WIDTH, r, generator=gen)
         state["base_model.model.head.modules_to_save.default.weight"] = torch.randn(*HEAD, generator=gen)
         states.append(state)
     num_samples = torch.randint(100, 1000, (len(ranks),), generator=gen).tolist()
@@ -78,11 +80,11 @@ def floor(states: list[dict[str, torch.Tensor]], ranks: list[int], num_samples: 
     r_max = max(ranks)
     out = {}
     for key, ref in states[0].items():
-        if aggregation.is_lora_a(key):
+        if lora.is_lora_a(key):
             acc = torch.zeros(r_max, ref.shape[1])
             for state, r, w in zip(states, ranks, p):
                 acc[:r].add_(state[key], alpha=w)
-        elif aggregation.is_lora_b(key):
+        elif lora.is_lora_b(key):
             acc = torch.zeros(ref.shape[0], r_max)
             for state, r, w in zip(states, ranks, p):
                 acc[:, :r].add_(state[key], alpha=w)
@@ -115,13 +117,13 @@ def official(states: list[dict[str, torch.Tensor]], ranks: list[int], num_sample
         lo = hi
     out = {}
     for key, ref in states[0].items():
-        if aggregation.is_lora_a(key):
+        if lora.is_lora_a(key):
             padded = [F.pad(s[key], (0, 0, 0, r_max - r)) for s, r in zip(states, ranks)]
             acc = torch.zeros(r_max, ref.shape[1])
             for lo, hi, owners in groups:
                 for k, w in owners:
                     acc[lo:hi] += padded[k][lo:hi] * w
-        elif aggregation.is_lora_b(key):
+        elif lora.is_lora_b(key):
             padded = [F.pad(s[key], (0, r_max - r)) for s, r in zip(states, ranks)]
             acc = torch.zeros(ref.shape[0], r_max)
             for lo, hi, owners in groups:
@@ -133,6 +135,15 @@ def official(states: list[dict[str, torch.Tensor]], ranks: list[int], num_sample
                 acc += s[key] * w
         out[key] = acc
     return out
+
+
+def dispatch_and_validation(states: list[dict[str, torch.Tensor]], ranks: list[int], num_samples: list[int]) -> None:
+    """What ``methods.aggregate`` does besides the arithmetic: look the method up, validate its
+    options, build it, validate every client's keys and shapes, compute p_k."""
+    options = methods.options_for("fedilora", {})
+    methods.method_class("fedilora")(methods.Setup(0, tuple(ranks), float), options)
+    aggregation.validate(states, ranks, num_samples, [1.0] * len(states))
+    aggregation.sample_weights(num_samples)
 
 
 # --------------------------------------------------------------------------- measurement
@@ -196,7 +207,7 @@ def rss_probe(which: str) -> dict[str, object]:
     process inherits the parent's peak."""
     torch.set_num_threads(1)
     states, num_samples = make_inputs(RANKS)
-    fn = {"fedilora": lambda: aggregation.aggregate("fedilora", states, RANKS, num_samples),
+    fn = {"fedilora": lambda: agg_method("fedilora", states, RANKS, num_samples),
           "official": lambda: official(states, RANKS, num_samples),
           "floor": lambda: floor(states, RANKS, num_samples)}[which]
     fn()  # first call: library code paths and the allocator's arenas
@@ -237,14 +248,14 @@ def cpu_model() -> str:
 
 
 def check_official_matches(states, ranks, num_samples) -> dict[str, object]:
-    ours = aggregation.aggregate("fedilora", states, ranks, num_samples)
+    ours = agg_method("fedilora", states, ranks, num_samples)
     theirs = official(states, ranks, num_samples)
     diff = {kind: max(float((ours[k] - theirs[k]).abs().max()) for k in ours if pred(k))
-            for kind, pred in (("A", aggregation.is_lora_a), ("B", aggregation.is_lora_b))}
+            for kind, pred in (("A", lora.is_lora_a), ("B", lora.is_lora_b))}
     close = {kind: all(torch.allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-6) for k in ours if pred(k))
-             for kind, pred in (("A", aggregation.is_lora_a), ("B", aggregation.is_lora_b))}
+             for kind, pred in (("A", lora.is_lora_a), ("B", lora.is_lora_b))}
     head = all(torch.allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-6)
-               for k in ours if not (aggregation.is_lora_a(k) or aggregation.is_lora_b(k)))
+               for k in ours if not (lora.is_lora_a(k) or lora.is_lora_b(k)))
     return {"allclose_A": close["A"], "allclose_B": close["B"], "allclose_head": head,
             "max_abs_diff_A": diff["A"], "max_abs_diff_B": diff["B"], "tolerance": "rtol=1e-5, atol=1e-6"}
 
@@ -268,13 +279,14 @@ def main() -> None:
 
     states, num_samples = make_inputs(RANKS)
     eq_states, eq_samples = make_inputs(EQUAL_RANKS, seed=SEED + 1)
-    agg = aggregation.aggregate
+    agg = agg_method
     match = check_official_matches(states, RANKS, num_samples)
 
     core = time_interleaved({
         "floor": lambda: floor(states, RANKS, num_samples),
         "fedilora": lambda: agg("fedilora", states, RANKS, num_samples),
         "official": lambda: official(states, RANKS, num_samples),
+        "dispatch_and_validation": lambda: dispatch_and_validation(states, RANKS, num_samples),
     }, args.reps)
     # flora allocates the stacked (sum of ranks) output every call: timed apart from the core trio
     others = time_interleaved({
@@ -312,17 +324,20 @@ def main() -> None:
         "official_over_fedilora_min": ratio(core["official"]["min_ms"], core["fedilora"]["min_ms"]),
         "equal_ranks_fedilora_over_fedavg_median": ratio(equal["fedilora"]["median_ms"], equal["fedavg"]["median_ms"]),
         "equal_ranks_fedilora_over_floor_median": ratio(equal["fedilora"]["median_ms"], equal["floor"]["median_ms"]),
+        "dispatch_and_validation_over_fedilora_median": ratio(core["dispatch_and_validation"]["median_ms"], core["fedilora"]["median_ms"]),
         "fedilora_peak_extra_over_global_state": ratio(fed_peak, global_bytes),
         "padded_copy_over_global_state": ratio(padded_bytes, global_bytes),
     }
     goals = {
         f"fedilora_within_{GOAL_FLOOR}x_floor": ratios["fedilora_over_floor_median"] <= GOAL_FLOOR,
         f"speedup_vs_official_at_least_{GOAL_OFFICIAL}x": ratios["official_over_fedilora_median"] >= GOAL_OFFICIAL,
+        f"dispatch_and_validation_at_most_{GOAL_OVERHEAD:.0%}": ratios["dispatch_and_validation_over_fedilora_median"] <= GOAL_OVERHEAD,
         # the output itself is one global state; allow 1 % for the weight matrix and scalars
         "extra_memory_at_most_one_global_state": fed_peak <= 1.01 * global_bytes,
         "official_matches_ours": bool(match["allclose_A"] and match["allclose_B"] and match["allclose_head"]),
     }
     result = {
+        "date": time.strftime("%Y-%m-%d"),
         "config": {"clients": len(RANKS), "ranks": RANKS, "equal_ranks_variant": EQUAL_RANKS, "layers": LAYERS,
                    "width": WIDTH, "head_shape": list(HEAD), "dtype": "float32", "seed": SEED,
                    "num_samples": num_samples, "reps": args.reps, "flexlora_reps": args.slow_reps},
@@ -370,6 +385,8 @@ def print_summary(res: dict) -> None:
     print(f"official / fedilora: {r['official_over_fedilora_median']:.2f}x median, "
           f"{r['official_over_fedilora_min']:.2f}x min (goal >= {GOAL_OFFICIAL}x: "
           f"{g[f'speedup_vs_official_at_least_{GOAL_OFFICIAL}x']}); same result: {g['official_matches_ours']}")
+    print(f"dispatch and validation / fedilora: {r['dispatch_and_validation_over_fedilora_median']:.3f} "
+          f"(goal <= {GOAL_OVERHEAD}: {g[f'dispatch_and_validation_at_most_{GOAL_OVERHEAD:.0%}']})")
     print(f"memory: fedilora peak extra {m['profiler']['fedilora']['peak_extra_bytes'] / mib:.1f} MiB "
           f"(RSS delta {m['rss_subprocess']['fedilora']['rss_peak_delta_bytes'] / mib:.1f} MiB), one global state "
           f"{m['global_state_bytes'] / mib:.1f} MiB, padded copy of all clients {m['padded_copy_bytes'] / mib:.1f} MiB, "

@@ -96,31 +96,30 @@ def sample_weights(num_samples: Sequence[int]) -> Tensor:
 # --------------------------------------------------------------------------- kernels
 
 
-def padded_sum(states: Sequence[State], ranks: Sequence[int], weights: Tensor) -> State:
-    """``A[j] = sum_k W[k, j] A_k[j]`` over the clients that own row j, B likewise on columns.
-
-    ``weights`` is (K x r_max); entries past a client's rank are never read, which is the same
-    as zero-padding that client. LoRA factors only, float32."""
+def padded_sum(states: Sequence[State], ranks: Sequence[int], weights: Sequence[float],
+               owner_mass: Tensor | None = None) -> State:
+    """``A[j] = sum_k w_k A_k[j]`` over the clients that own row j (zero-padding the others,
+    without building the padding), B likewise on columns; with ``owner_mass`` (r_max,), each
+    dimension j is then divided by ``owner_mass[j]``. LoRA factors only, float32."""
     r_max = max(ranks)
-    w = weights.to(torch.float32)
-    rows = [w[k, :r, None] for k, r in enumerate(ranks)]  # per-client weight views, sliced once
-    cols = [w[k, None, :r] for k, r in enumerate(ranks)]
+    w = [float(x) for x in weights]
+    rows = cols = None
+    if owner_mass is not None:
+        mass = owner_mass.to(torch.float32)
+        rows, cols = mass[:, None], mass[None, :]
     out: State = {}
     for a_key in a_keys(states[0]):
         bk = b_key(a_key)
         a = torch.zeros(r_max, states[0][a_key].shape[1], dtype=torch.float32)
         b = torch.zeros(states[0][bk].shape[0], r_max, dtype=torch.float32)
-        for state, r, w_row, w_col in zip(states, ranks, rows, cols):
-            # fused multiply-add in place: one pass over the client tensor, no temporary
-            a[:r].addcmul_(w_row, state[a_key].float())
-            b[:, :r].addcmul_(state[bk].float(), w_col)
+        for state, r, wk in zip(states, ranks, w):
+            a[:r].add_(state[a_key], alpha=wk)  # one fused pass over the client tensor, no temporary
+            b[:, :r].add_(state[bk], alpha=wk)
+        if rows is not None:
+            a.div_(rows)
+            b.div_(cols)
         out[a_key], out[bk] = a, b
     return out
-
-
-def per_client(values: Tensor, r_max: int) -> Tensor:
-    """One weight per client, repeated over every rank dimension: (K,) -> (K x r_max)."""
-    return values[:, None].expand(-1, r_max)
 
 
 def mean_others(states: Sequence[State], p: Tensor) -> State:

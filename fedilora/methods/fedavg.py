@@ -24,4 +24,4 @@ class FedAvg(Strategy):
         super().__init__(setup, options)
 
     def combine(self, states: Sequence[State], ranks: Sequence[int], p: Tensor, scalings: Sequence[float]) -> State:
-        return aggregation.padded_sum(states, ranks, aggregation.per_client(p, ranks[0]))
+        return aggregation.padded_sum(states, ranks, p.tolist())

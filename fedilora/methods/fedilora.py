@@ -15,16 +15,18 @@ from fedilora.lora import State
 from fedilora.methods.base import Strategy
 
 
-def owner_weights(ranks: Sequence[int], p: Tensor) -> Tensor:
-    """W[k, j] = p_k [j < r_k] / sum_i p_i [j < r_i]: (K x r_max)."""
+def owner_mass(ranks: Sequence[int], p: Tensor) -> Tensor | None:
+    """sum_{k : r_k > j} p_k for each dimension j (None when every client owns every one)."""
+    if len(set(ranks)) == 1:
+        return None
     r = torch.as_tensor(list(ranks))
     owns = (torch.arange(max(ranks))[None, :] < r[:, None]).to(p.dtype)
-    w = p[:, None] * owns
-    return w / w.sum(dim=0, keepdim=True)
+    return (p[:, None] * owns).sum(dim=0)
 
 
 class FediLoRA(Strategy):
     name = "fedilora"
 
     def combine(self, states: Sequence[State], ranks: Sequence[int], p: Tensor, scalings: Sequence[float]) -> State:
-        return aggregation.padded_sum(states, ranks, owner_weights(ranks, p))
+        # sum_k p_k A_k[j] over the owners, then one division per dimension by the owners' mass
+        return aggregation.padded_sum(states, ranks, p.tolist(), owner_mass(ranks, p))

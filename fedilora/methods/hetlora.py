@@ -26,4 +26,4 @@ class HetLoRA(Strategy):
     name = "hetlora"
 
     def combine(self, states: Sequence[State], ranks: Sequence[int], p: Tensor, scalings: Sequence[float]) -> State:
-        return aggregation.padded_sum(states, ranks, aggregation.per_client(norm_weights(states, p), max(ranks)))
+        return aggregation.padded_sum(states, ranks, norm_weights(states, p).tolist())
