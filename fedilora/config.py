@@ -174,11 +174,22 @@ class RunnerConfig(_Section):
 
 
 class CompareConfig(_Section):
-    """Variants ``fedilora compare`` runs side by side: ``method`` or ``method+edit``."""
+    """``fedilora compare``: every variant (``method`` or ``method+edit``) under every seed, paired
+    by seed (each seed draws its own splits, client schedule and initial adapter), each (variant,
+    seed) a task on ``runner`` (default: a local Dask cluster, a process per core)."""
 
     variants: list[str] = Field(
         default_factory=lambda: ["fedilora+edit", "fedilora", "hetlora", "flexlora", "flora"]
     )
+    seeds: Annotated[list[int], Field(min_length=1)] = Field(default_factory=lambda: [0, 1, 2])
+    runner: RunnerConfig = RunnerConfig(task_runner="dask", n_workers=2)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {seeds}")
+        return seeds
 
 
 class Params(_Section):

@@ -6,14 +6,14 @@ table and the client splits, and the run's aggregation method (``fedilora.method
 decide what a client receives, how updates combine and what the server keeps. Client adapters
 travel between steps as small ``{name: tensor}`` dicts, never as model copies.
 
-Client updates share the one model, so they hold a lock: on a 2-core machine torch already
-uses both cores inside one update, and correctness needs the adapter swap to be atomic.
+Client updates share the one model, so they hold its lock: on a 2-core machine torch already
+uses both cores inside one update, and correctness needs the adapter swap to be atomic (also
+between runs that share the model in one process, as compare's and the study's units do).
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -99,7 +99,7 @@ class Federation:
         self.shared = model if model is not None else build(model_spec(params, table))
         self.model = self.shared.peft
         self.make_batch = family_of(params.model).make_batch
-        self._lock = threading.RLock()
+        self._lock = self.shared.lock  # every run on this model, in any thread, takes turns
 
     # ---- slots and base weights --------------------------------------------------------------
     def _slot(self, rank: int, alpha: float) -> str:

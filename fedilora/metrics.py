@@ -24,6 +24,9 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 Task = Literal["multiclass", "binary", "multilabel"]
 
+# The metric a comparison of methods is decided on, per task (the benchmarks' standard ones).
+HEADLINE: dict[str, str] = {"multiclass": "accuracy", "binary": "auroc", "multilabel": "micro_f1"}
+
 METRICS: dict[str, tuple[str, ...]] = {
     "multiclass": ("accuracy", "macro_f1"),
     "binary": ("accuracy", "macro_f1", "auroc"),

@@ -7,6 +7,7 @@ import io
 
 import datasets
 import numpy as np
+import pandas as pd
 import PIL.Image
 import torch
 
@@ -96,14 +97,17 @@ def official_test_rows(paths: DataPaths) -> np.ndarray | None:
 
 
 def split(params: Params):
-    """Clients, partition and missing modalities from the cached labels; saved with statistics."""
+    """Clients, partition and missing modalities from the cached labels, for ``seed`` and every
+    seed of ``compare.seeds``; saved with the statistics of ``seed``'s, which it returns."""
     paths = DataPaths.of(params)
     table = FeatureTable.load(paths.features)
     labels = table.labels.numpy()
     test_rows = official_test_rows(paths)
     if test_rows is not None and len(test_rows) != len(labels):
         raise DatasetError(f"{paths.dataset} has {len(test_rows)} rows but {paths.features} {len(labels)}; rerun `fedilora prepare`")
-    splits = make_splits(labels, params, test_rows=test_rows)
-    save_splits(splits, paths.splits)
+    seeds = sorted({params.seed, *params.compare.seeds})
+    frames = {s: make_splits(labels, params.model_copy(update={"seed": s}), test_rows=test_rows) for s in seeds}
+    save_splits(pd.concat(frames.values(), ignore_index=True), paths.splits)
+    splits = frames[params.seed]
     write_json(paths.split_stats, split_statistics(splits, labels, task_metrics.num_classes(table.labels)))
     return splits

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 
 from fedilora import study as st
 from fedilora.atomic import atomic_path
-from fedilora.report import save_figure
+from fedilora.plots import save_figure
 
 VIEWS = {"global_accuracy": "global", "personalized_accuracy": "personalized"}
 RIVALS = ["hetlora", "flora", "flexlora"]

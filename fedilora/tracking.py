@@ -8,8 +8,12 @@ tracking URI (``http://127.0.0.1:5000``, ``sqlite:///...``) is used as given.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import math
 import subprocess
 import time
+from collections.abc import Callable
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -19,6 +23,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from fedilora.config import Params
+from fedilora.paths import DataPaths
+from fedilora.outputs import ROUND_COLUMNS
 
 DB_NAME = "mlflow.db"
 
@@ -140,4 +146,73 @@ def log_study_unit(frame: pd.DataFrame, params: Params, experiment: str) -> None
         client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in values.items()],
                          tags=[RunTag("mlflow.runName", name)])
         client.set_terminated(run.info.run_id)
+
+
+def data_hash(params: Params) -> str:
+    """Content hash of the prepared features and splits: which data a run saw."""
+    paths = DataPaths.of(params)
+    digest = hashlib.md5()
+    for path in (paths.features, paths.splits):
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def metric_key(column: str) -> str:
+    """A per-round CSV column as the metric it was logged as (``global_accuracy`` -> ``global/accuracy``)."""
+    logged = {col: key for key, col in ROUND_COLUMNS.items()}
+    return logged.get(column, column.replace("_", "/", 1))
+
+
+def _safe(name: str) -> str:
+    """A variant as MLflow accepts it in a metric name ('+' is not allowed)."""
+    return name.replace("+", "-")
+
+
+def _log_finite(metrics: Mapping[str, float], step: int | None = None) -> None:
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if not math.isnan(float(v))}, step=step)
+
+
+def _log_rounds(rows: pd.DataFrame) -> None:
+    """Per-round metrics of one run (or of a variant's mean over seeds), step = round."""
+    columns = [c for c in rows.columns if c.startswith(("global_", "personalized_"))]
+    for _, row in rows.iterrows():
+        _log_finite({metric_key(c): row[c] for c in columns}, step=int(row["round"]))
+
+
+def log_comparison(params: Params, out_dir: Path, rounds: pd.DataFrame, adapters: Mapping[tuple[str, int], Path],
+                   params_for: Callable[[str, int], Params]) -> str:
+    """The comparison in MLflow: a parent run with the paired differences of the primary metric
+    (``compare/<a>_minus_<b>/mean``, ``/ci_low``, ``/ci_high``) and the CI tables as artifacts; a
+    nested run per variant (mean over seeds per round, and each summary's mean and interval);
+    a nested run per seed under it (its params, tagged with its seed, per-round metrics, the global
+    adapter). Returns the parent run's id."""
+    out_dir = Path(out_dir)
+    primary = json.loads((out_dir / "metrics.json").read_text())["primary_metric"]
+    pairs, table = pd.read_csv(out_dir / "pairs.csv"), pd.read_csv(out_dir / "comparison.csv")
+    hash_ = data_hash(params)
+    with start_run(params, "compare", data_hash=hash_) as parent:
+        mlflow.set_tags({"primary_metric": primary, "seeds": ",".join(map(str, params.compare.seeds))})
+        for _, r in pairs[pairs["metric"] == primary].iterrows():
+            name = f"compare/{_safe(r['a'])}_minus_{_safe(r['b'])}"
+            _log_finite({f"{name}/mean": r["mean"], f"{name}/ci_low": r["ci_low"], f"{name}/ci_high": r["ci_high"]})
+        for name in ("comparison.csv", "pairs.csv", "seeds.csv", "metrics.json"):
+            mlflow.log_artifact(str(out_dir / name), "comparison")
+        for _, row in table.iterrows():
+            variant = row["variant"]
+            runs = rounds[rounds["variant"] == variant]
+            with mlflow.start_run(run_name=variant, nested=True):
+                mlflow.set_tags({"variant": variant, "level": "variant", "seeds": ",".join(map(str, sorted(runs["seed"].unique())))})
+                _log_finite({k.replace("_ci_low", "/ci_low").replace("_ci_high", "/ci_high"): v for k, v in row.items()
+                             if k not in ("variant", "seeds")})
+                _log_rounds(runs.drop(columns=["variant"]).groupby("round", as_index=False).mean(numeric_only=True))
+                for seed, seed_rows in runs.groupby("seed"):
+                    run_params = params_for(variant, int(seed))
+                    with mlflow.start_run(run_name=f"{variant}/seed{seed}", nested=True):
+                        mlflow.log_params(flatten(run_params.model_dump(mode="json")))
+                        mlflow.set_tags({**run_tags(run_params, hash_), "variant": variant, "seed": str(seed), "level": "seed"})
+                        _log_rounds(seed_rows)
+                        mlflow.log_artifacts(str(adapters[variant, int(seed)]), "adapters/global")
+        return parent.info.run_id
 

@@ -73,16 +73,16 @@ def cmd_federate(args, params) -> None:
 
 
 def cmd_compare(args, params) -> None:
-    from flows.federated import compare_methods
-    from flows.runners import task_runner
+    from flows.compare import compare_methods
+    from flows.runners import unit_runner
 
     check_prefect_server()
-    flow = compare_methods.with_options(task_runner=task_runner(params))
-    result = flow(params_path=str(args.params), overrides=args.overrides, out_dir=str(args.out))
-    width = max(len(v) for v in result)
-    print("final global accuracy per variant:")
-    for variant, acc in result.items():
-        print(f"  {variant:<{width}}  {acc:.3f}")
+    flow = compare_methods.with_options(task_runner=unit_runner(params.compare.runner))
+    pairs = flow(params_path=str(args.params), overrides=args.overrides, out_dir=str(args.out))
+    print(f"paired differences over compare.seeds={params.compare.seeds} (95 % CI):")
+    for pair, d in pairs.items():
+        interval = "" if d["ci_low"] is None else f" [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+        print(f"  {pair}: {d['mean']:+.3f}{interval} {d['verdict']}")
 
 
 def cmd_report(args, params) -> None:

@@ -1,42 +1,26 @@
 """The ``federated_training`` flow: the one round loop (``fedilora.federation.run``) with Prefect
 steps: per round, map ``train_client`` over the sampled clients, reduce with ``aggregate``,
 evaluate, log everything to MLflow and checkpoint.
-
-``compare_methods`` runs several variants as sibling MLflow runs under one parent run.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from pathlib import Path
 
-import pandas as pd
 from prefect import flow, unmapped
 from tqdm.auto import tqdm
 
-from fedilora import checkpoint, report, tracking
+from fedilora import checkpoint, outputs, plots, tracking
+from fedilora.atomic import write_json
 from fedilora.config import Params, load_params
 from fedilora.federation import ClientUpdate, Federation, RoundResult, Steps, check_methods, run
 from fedilora.lora import State
-from fedilora.atomic import write_json
-from fedilora.paths import DataPaths
 from tasks import aggregate_updates, evaluate_global, train_client
 from tasks.runtime import federation
 
 log = logging.getLogger("fedilora")
-
-
-def data_hash(params: Params) -> str:
-    """Content hash of the prepared features and splits: which data a run saw."""
-    paths = DataPaths.of(params)
-    digest = hashlib.md5()
-    for path in (paths.features, paths.splits):
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _edits_record(result: RoundResult) -> dict:
@@ -75,7 +59,7 @@ def flow_steps(params: Params, fed: Federation) -> Steps:
     )
 
 
-def run_rounds(params: Params, out_dir: Path, variant: str, *, nested: bool = False) -> dict[str, float]:
+def run_rounds(params: Params, out_dir: Path, variant: str) -> dict[str, float]:
     """One run inside an MLflow run: resume from the checkpoint if there is one, the rounds
     (``federation.run`` with Prefect steps), then the DVC outputs in ``out_dir``.
 
@@ -98,7 +82,7 @@ def run_rounds(params: Params, out_dir: Path, variant: str, *, nested: bool = Fa
         fed.set_base_weights(ckpt.base_weights)
         resume, personal, run_id = (ckpt.global_state, ckpt.results), ckpt.personal, ckpt.run_id
         log.info("resuming %s after round %d", variant, ckpt.round)
-    with tracking.start_run(params, variant, nested=nested, run_id=run_id, data_hash=data_hash(params)) as run:
+    with tracking.start_run(params, variant, run_id=run_id, data_hash=tracking.data_hash(params)) as run:
         progress = tqdm(total=params.federation.rounds, initial=ckpt.round if ckpt else 0, desc=f"{variant} rounds", unit="round")
 
         def after_round(results: list[RoundResult], state: State) -> None:
@@ -112,9 +96,9 @@ def run_rounds(params: Params, out_dir: Path, variant: str, *, nested: bool = Fa
 
         state, results = run(fed, flow_steps(params, fed), on_round=after_round, resume=resume)
         progress.close()
-        metrics = report.write_run_outputs(out_dir, results, variant)
+        metrics = outputs.write_run_outputs(out_dir, results, variant)
         plot = out_dir / "accuracy.png"
-        report.plot_rounds(report.rounds_frame(results, variant), plot)
+        plots.plot_rounds(outputs.rounds_frame(results, variant), plot)
         tracking.log_artifact(plot)
         adapters_dir = out_dir / "adapters"
         fed.save_adapter(state, adapters_dir / "global", is_global=True)
@@ -138,20 +122,3 @@ def federated_training(params_path: str = "params.yaml", overrides: dict | None 
     check_methods(params)
     variant = params.aggregation.method + ("+edit" if params.editing.enabled else "")
     return run_rounds(params, Path(out_dir), variant)
-
-
-@flow(name="compare_methods")
-def compare_methods(params_path: str = "params.yaml", overrides: dict | None = None, out_dir: str = "outputs/compare") -> dict:
-    """Each variant of ``compare.variants`` as a nested MLflow run under one parent run."""
-    params = load_params(params_path, overrides)
-    check_methods(params)
-    frames = {}
-    with tracking.start_run(params, "compare"):
-        for variant in params.compare.variants:
-            vparams = params.variant(variant)
-            run_dir = Path(out_dir) / "runs" / variant
-            run_rounds(vparams, run_dir, variant, nested=True)
-            frames[variant] = pd.read_csv(run_dir / "rounds.csv")
-        table = report.write_comparison(Path(out_dir), frames)
-        tracking.log_artifact(Path(out_dir) / "comparison.csv")
-    return {row["variant"]: row["global_accuracy"] for _, row in table.iterrows()}

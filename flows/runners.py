@@ -8,7 +8,7 @@ import os
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from fedilora.config import Params
+from fedilora.config import Params, RunnerConfig
 
 # Passed to Ray workers (a cluster's workers do not inherit this process's environment).
 _WORKER_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY",
@@ -73,3 +73,16 @@ def task_runner(params: Params):
         )
     workers = 1 if runner.task_runner == "sequential" else runner.max_workers
     return ThreadPoolTaskRunner(max_workers=workers)
+
+
+def unit_runner(runner: RunnerConfig):
+    """The runner for whole runs as tasks (compare's and the study's units). In threads, one unit
+    at a time: the units of one process share its base models and their base weights."""
+    if runner.task_runner == "threads":
+        runner = runner.model_copy(update={"max_workers": 1})
+    return task_runner(Params(runner=runner))
+
+
+def unit_threads(runner: RunnerConfig) -> int | None:
+    """torch threads per unit: one per worker process (a process per core), else torch's default."""
+    return 1 if runner.task_runner in ("dask", "ray") else None

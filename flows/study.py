@@ -20,8 +20,8 @@ from prefect.cache_policies import NONE
 from fedilora import study as st
 from fedilora import study_report, tracking
 from fedilora.atomic import atomic_path
-from fedilora.config import Params
 from fedilora.atomic import write_json
+from flows.runners import unit_runner, unit_threads
 from tasks.runtime import feature_table, shared_model
 
 log = logging.getLogger("fedilora")
@@ -50,7 +50,7 @@ def quality_study(study_path: str = "study/study.yaml") -> dict:
     log.info("study: %d settings x %d seeds; %d units to run", len(units) // len(study.seeds), len(study.seeds), len(todo))
     start = time.perf_counter()
     if todo:
-        threads = 1 if study.runner.task_runner in ("dask", "ray") else None  # one process per core
+        threads = unit_threads(study.runner)
         futures = study_setting.map(unmapped(study), [s for s, _ in todo], [seed for _, seed in todo], unmapped(threads))
         for (setting, seed), future in zip(todo, futures):
             frame = future.result()
@@ -66,10 +66,5 @@ def quality_study(study_path: str = "study/study.yaml") -> dict:
 
 def run_study(study_path: str = "study/study.yaml") -> dict:
     """The flow on the study's own task runner (``runner`` in the study file)."""
-    from flows.runners import task_runner
-
     study = st.load_study(study_path)
-    runner = study.runner
-    if runner.task_runner == "threads":  # units in one process share its base models: one at a time
-        runner = runner.model_copy(update={"max_workers": 1})
-    return quality_study.with_options(task_runner=task_runner(Params(runner=runner)))(study_path)
+    return quality_study.with_options(task_runner=unit_runner(study.runner))(study_path)

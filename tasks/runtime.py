@@ -12,7 +12,7 @@ import threading
 import pandas as pd
 
 from fedilora.config import Params
-from fedilora.data import load_splits
+from fedilora.data.splits import for_seed, load_splits
 from fedilora.federation import Federation, model_spec
 from fedilora.inputs import FeatureTable
 from fedilora.models.shared import SharedModel, build
@@ -40,7 +40,8 @@ def federation(params: Params) -> Federation:
     with _lock:
         if key not in _federations:
             table = feature_table(params)
-            splits = _load_once(_splits, DataPaths.of(params).splits, load_splits)
+            path = DataPaths.of(params).splits
+            splits = for_seed(_load_once(_splits, path, load_splits), params.seed, path)
             _federations[key] = Federation(params, table, splits, model=shared_model(params, table))
         return _federations[key]
 

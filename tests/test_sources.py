@@ -22,7 +22,7 @@ from fedilora.data import sources
 from fedilora.data.sources import detect_format, load_source_dataset
 from fedilora.data.splits import representative_labels
 from fedilora.federation import ClientUpdate, RoundResult
-from fedilora.report import rounds_frame
+from fedilora.outputs import rounds_frame
 from tiny_project import run_cli, tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -396,7 +396,7 @@ def test_cli_multilabel_mmimdb(tmp_path: Path) -> None:
 
 def test_binary_hateful_memes_run(tmp_path: Path) -> None:
     """The same stages in-process (the CLI's extra Prefect start-up is covered above)."""
-    from fedilora import federation, report, stages
+    from fedilora import federation, outputs, stages
 
     write_hateful_memes(tmp_path / "hm")
     params = Params.model_validate(tiny_params(data={"source": str(tmp_path / "hm"), "root": str(tmp_path / "data")}))
@@ -405,7 +405,7 @@ def test_binary_hateful_memes_run(tmp_path: Path) -> None:
     splits = stages.split(params)
     assert sorted(splits[splits.client == -1]["row"]) == list(range(40, 52))  # test_seen
     _, results = federation.run(federation.Federation(params, table, splits))
-    report.write_run_outputs(tmp_path / "out", results, "fedilora")
+    outputs.write_run_outputs(tmp_path / "out", results, "fedilora")
     m = json.loads((tmp_path / "out/metrics.json").read_text())
     assert 0.0 <= m["global_auroc"] <= 1.0 and 0.0 <= m["global_accuracy"] <= 1.0
     assert "global_missing_image_auroc" in m and "personalized_auroc" in m and "global_micro_f1" not in m

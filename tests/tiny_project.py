@@ -51,7 +51,7 @@ def tiny_params(**sections) -> dict:
         "federation": {"rounds": 2, "sample_fraction": 0.5, "batch_size": 8, "lr": 0.01},
         "tracking": {"uri": "mlruns"},
         "runner": {"max_workers": 2},
-        "compare": {"variants": ["fedilora+edit", "hetlora"]},
+        "compare": {"variants": ["fedilora+edit", "hetlora"], "seeds": [0, 1], "runner": {"task_runner": "threads"}},
     }
     for name, values in sections.items():
         params.setdefault(name, {}).update(values)

@@ -1,9 +1,9 @@
 """Who holds which sample, and which modality each training sample has lost.
 
-The splits are a table, not a copy of the data: one row per (sample, assignment) with
-``row`` (dataset index), ``client`` (-1 for the global test set), ``split`` ('train'|'test'),
-``has_image`` and ``has_text``. It is computed once from ``params.seed`` and saved, so every
-stage and every method sees exactly the same clients.
+The splits are a table, not a copy of the data: one row per (seed, sample, assignment) with
+``seed``, ``row`` (dataset index), ``client`` (-1 for the global test set), ``split``
+('train'|'test'), ``has_image`` and ``has_text``. They are computed once per seed (``seed`` and
+``compare.seeds``) and saved, so every stage and every method sees exactly the same clients.
 
 Randomness: the seed is spawned into independent streams (global test, partition, client
 train/test, missing modalities). Changing e.g. ``missing.rate`` therefore leaves the partition
@@ -22,7 +22,7 @@ import pandas as pd
 from fedilora.atomic import atomic_path
 from fedilora.config import Params
 
-COLUMNS = ("row", "client", "split", "has_image", "has_text")
+COLUMNS = ("seed", "row", "client", "split", "has_image", "has_text")
 GLOBAL_TEST = -1
 MIN_DIRICHLET_CLIENT_SIZE = 2
 MAX_DIRICHLET_TRIES = 1000
@@ -196,7 +196,9 @@ def make_splits(labels: Sequence[int] | np.ndarray, params: Params, test_rows: S
     frames = [_complete(test, GLOBAL_TEST, "test")]
     for client, share in enumerate(shares):
         frames.extend(_client_frames(client, share, params, split_rng, miss_rng))
-    return pd.concat(frames, ignore_index=True)
+    out = pd.concat(frames, ignore_index=True)
+    out.insert(0, "seed", params.seed)
+    return out
 
 
 # --------------------------------------------------------------------------- statistics
@@ -277,5 +279,14 @@ def load_splits(path: str | Path) -> pd.DataFrame:
         raise SplitsError(f"{path}: not a readable parquet splits file ({err})") from None
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
-        raise SplitsError(f"{path}: missing column(s) {missing}; expected {list(COLUMNS)}")
+        raise SplitsError(f"{path}: missing column(s) {missing}; expected {list(COLUMNS)}; rerun `fedilora split`")
     return df
+
+
+def for_seed(splits: pd.DataFrame, seed: int, path: str | Path) -> pd.DataFrame:
+    """One seed's splits from a splits table; a seed the table lacks is named."""
+    chosen = splits[splits["seed"] == seed]
+    if chosen.empty:
+        have = sorted(int(s) for s in splits["seed"].unique())
+        raise SplitsError(f"{path}: no splits for seed {seed} (it has {have}); add it to compare.seeds or rerun `fedilora split`")
+    return chosen.reset_index(drop=True)

@@ -8,7 +8,8 @@ initial projector and head)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -45,10 +46,13 @@ class ModelSpec(BaseModel):
 
 @dataclass
 class SharedModel:
+    """Runs and threads that use the model hold ``lock`` while they swap adapters or base weights."""
+
     peft: adapters.PeftModel
     foundation: State  # the adapted layers' base weights as built, keyed like their lora_A
     initial: State  # the first slot's state as built
     base_changed: bool = False  # whether the adapted layers' base weights now differ from ``foundation``
+    lock: threading.RLock = field(default_factory=threading.RLock)
 
 
 def base_model(spec: ModelSpec):
