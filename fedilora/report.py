@@ -39,7 +39,7 @@ VERDICT_WORDS = {"better": "the first is better", "worse": "the first is worse",
 
 
 def _pair_rows(pairs: pd.DataFrame, with_metric: bool) -> list[str]:
-    return [("| " + r["metric"] if with_metric else "") + f"| {r['a']} − {r['b']} | {_points(r['mean'])} | "
+    return [("| " + r["metric"] + " " if with_metric else "") + f"| {r['a']} − {r['b']} | {_points(r['mean'])} | "
             f"[{_points(r['ci_low'])}, {_points(r['ci_high'])}] | {VERDICT_WORDS[r['verdict']]} |"
             for _, r in pairs.iterrows()]
 

@@ -202,14 +202,14 @@ def log_comparison(params: Params, out_dir: Path, rounds: pd.DataFrame, adapters
         for _, row in table.iterrows():
             variant = row["variant"]
             runs = rounds[rounds["variant"] == variant]
-            with mlflow.start_run(run_name=variant, nested=True):
+            with mlflow.start_run(run_name=variant, nested=True, experiment_id=parent.info.experiment_id):
                 mlflow.set_tags({"variant": variant, "level": "variant", "seeds": ",".join(map(str, sorted(runs["seed"].unique())))})
                 _log_finite({k.replace("_ci_low", "/ci_low").replace("_ci_high", "/ci_high"): v for k, v in row.items()
                              if k not in ("variant", "seeds")})
                 _log_rounds(runs.drop(columns=["variant"]).groupby("round", as_index=False).mean(numeric_only=True))
                 for seed, seed_rows in runs.groupby("seed"):
                     run_params = params_for(variant, int(seed))
-                    with mlflow.start_run(run_name=f"{variant}/seed{seed}", nested=True):
+                    with mlflow.start_run(run_name=f"{variant}/seed{seed}", nested=True, experiment_id=parent.info.experiment_id):
                         mlflow.log_params(flatten(run_params.model_dump(mode="json")))
                         mlflow.set_tags({**run_tags(run_params, hash_), "variant": variant, "seed": str(seed), "level": "seed"})
                         _log_rounds(seed_rows)

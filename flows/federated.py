@@ -82,7 +82,7 @@ def run_rounds(params: Params, out_dir: Path, variant: str) -> dict[str, float]:
         fed.set_base_weights(ckpt.base_weights)
         resume, personal, run_id = (ckpt.global_state, ckpt.results), ckpt.personal, ckpt.run_id
         log.info("resuming %s after round %d", variant, ckpt.round)
-    with tracking.start_run(params, variant, run_id=run_id, data_hash=tracking.data_hash(params)) as run:
+    with tracking.start_run(params, variant, run_id=run_id, data_hash=tracking.data_hash(params)) as mlrun:
         progress = tqdm(total=params.federation.rounds, initial=ckpt.round if ckpt else 0, desc=f"{variant} rounds", unit="round")
 
         def after_round(results: list[RoundResult], state: State) -> None:
@@ -90,7 +90,7 @@ def run_rounds(params: Params, out_dir: Path, variant: str) -> dict[str, float]:
             personal.update({u.client: u.state for u in result.updates})
             tracking.log_metrics(result.summary(), step=result.round)
             tracking.log_dict(_edits_record(result), f"edits/round_{result.round:03d}.json")
-            checkpoint.save(ckpt_dir, checkpoint.Checkpoint(result.round, run.info.run_id, phash, state, personal,
+            checkpoint.save(ckpt_dir, checkpoint.Checkpoint(result.round, mlrun.info.run_id, phash, state, personal,
                                                             fed.base_weights(), results))
             progress.update()
 
@@ -110,9 +110,9 @@ def run_rounds(params: Params, out_dir: Path, variant: str) -> dict[str, float]:
         split_stats = Path(params.data.root) / "split_stats.json"
         if split_stats.is_file():
             tracking.log_artifact(split_stats)
-        write_json(out_dir / "mlflow_run.json", {"run_id": run.info.run_id, "variant": variant})
+        write_json(out_dir / "mlflow_run.json", {"run_id": mlrun.info.run_id, "variant": variant})
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: a later run must not "resume" stale code
-    return {**metrics, "mlflow_run_id": run.info.run_id}
+    return {**metrics, "mlflow_run_id": mlrun.info.run_id}
 
 
 @flow(name="federated_training")
