@@ -57,7 +57,7 @@ def test_dvc_repro_runs_every_stage(project: Path) -> None:
     assert metrics["rounds"] == 2
     assert 0.0 <= metrics["global_accuracy"] <= 1.0
     compare = json.loads((project / "outputs/compare/metrics.json").read_text())
-    assert set(compare) == {"fedilora+edit", "hetlora"}
+    assert set(compare["variants"]) == {"fedilora+edit", "hetlora"} and compare["seeds"] == 2
     for name in ("report.md", "global_accuracy.png", "clients.png"):
         assert (project / "reports" / name).stat().st_size > 0
     stats = json.loads((project / "data/split_stats.json").read_text())
@@ -130,6 +130,40 @@ def test_prefect_flow_runs_are_recorded_completed(project: Path) -> None:
     assert "('federated_training', 'COMPLETED')" in out
     assert "('compare_methods', 'COMPLETED')" in out
     assert "FAILED" not in out
+
+
+@pytest.mark.slow
+def test_compare_pairs_seeds_and_logs_the_intervals(project: Path) -> None:
+    """compare.seeds=[0, 1]: every variant under both seeds, the paired difference with its interval
+    in the files, the report (in words first) and MLflow (parent, variant and seed runs)."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    out = project / "outputs/compare"
+    seeds = pd.read_csv(out / "seeds.csv")
+    assert sorted(zip(seeds["variant"], seeds["seed"])) == [("fedilora+edit", 0), ("fedilora+edit", 1), ("hetlora", 0), ("hetlora", 1)]
+    pairs = pd.read_csv(out / "pairs.csv")
+    primary = pairs[pairs["metric"] == "global_accuracy_last3"].iloc[0]
+    per_seed = seeds.set_index(["variant", "seed"])["global_accuracy_last3"]
+    diffs = [per_seed["fedilora+edit", s] - per_seed["hetlora", s] for s in (0, 1)]
+    assert primary["mean"] == pytest.approx(sum(diffs) / 2) and primary["seeds"] == 2
+    assert primary["ci_low"] <= primary["mean"] <= primary["ci_high"]
+    report = (project / "reports/report.md").read_text()
+    assert report.index("Which methods differ") < report.index("Each variant") < report.index("Main run")
+    assert "| fedilora+edit − hetlora |" in report
+
+    client = MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("fedilora").experiment_id], max_results=100)
+    parent = next(r for r in runs if r.info.run_name == "compare")
+    for key in ("mean", "ci_low", "ci_high"):
+        assert f"compare/fedilora-edit_minus_hetlora/{key}" in parent.data.metrics
+    assert parent.data.metrics["compare/fedilora-edit_minus_hetlora/mean"] == pytest.approx(primary["mean"])
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")} >= {"comparison/pairs.csv", "comparison/comparison.csv"}
+    variants = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(variants) == {"fedilora+edit", "hetlora"}
+    seed_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == variants["hetlora"].info.run_id]
+    assert sorted(r.data.tags["seed"] for r in seed_runs) == ["0", "1"]
+    assert all(r.data.params["seed"] == r.data.tags["seed"] for r in seed_runs)
 
 
 @pytest.mark.slow
