@@ -87,6 +87,12 @@ def _check_shapes(states: Sequence[State], ranks: Sequence[int]) -> None:
                 raise _shape_error(key, k, expected, tuple(got), why)
 
 
+def ownership(ranks: Sequence[int]) -> Tensor:
+    """M[k, j] = 1 where client k owns rank dimension j (j < r_k), else 0; float64 (K x r_max)."""
+    r = torch.as_tensor(list(ranks))
+    return (torch.arange(max(ranks))[None, :] < r[:, None]).to(torch.float64)
+
+
 def sample_weights(num_samples: Sequence[int]) -> Tensor:
     """p_k = n_k / sum(n), float64."""
     n = torch.as_tensor(num_samples, dtype=torch.float64)
@@ -131,6 +137,11 @@ def mean_others(states: Sequence[State], p: Tensor) -> State:
             acc += pk * state[key].float()
         out[key] = acc
     return out
+
+
+def server_step(previous: State, new: State, lr: float) -> State:
+    """previous + lr (new - previous), tensor by tensor (same shapes)."""
+    return {key: previous[key] + lr * (t - previous[key]) for key, t in new.items()}
 
 
 def product_norm(a: Tensor, b: Tensor) -> float:

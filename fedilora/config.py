@@ -6,6 +6,7 @@ silently running the default; errors name the dotted field and what was expected
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -118,6 +119,8 @@ class FederationConfig(_Section):
     lr: Annotated[float, Field(gt=0.0)] = 2e-3
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     min_clients: PositiveInt = 1  # a round with fewer successful clients stops the run
+    # the global adapter moves by server_lr x the aggregated update (every method alike; 1: plain averaging)
+    server_lr: Annotated[float, Field(gt=0.0)] = 1.0
 
 
 class FaultsConfig(_Section):
@@ -218,20 +221,9 @@ class Params(_Section):
                     f"clients.num_clients={n}"
                 )
         for variant in self.compare.variants:
-            method, _, suffix = variant.partition("+")
-            if not method or suffix not in ("", "edit"):
-                raise ValueError(f"compare.variants: {variant!r} is not METHOD or METHOD+edit")
+            if not re.fullmatch(r"[A-Za-z0-9_]+(\+edit)?(@official)?", variant):
+                raise ValueError(f"compare.variants: {variant!r} is not METHOD, METHOD+edit or METHOD[+edit]@official")
         return self
-
-    def variant(self, name: str) -> "Params":
-        """These params for one compared variant: its method, editing on only with '+edit'."""
-        method, _, suffix = name.partition("+")
-        return self.model_copy(
-            update={
-                "aggregation": AggregationConfig(method=method, options=self.aggregation.options if method == self.aggregation.method else {}),
-                "editing": self.editing.model_copy(update={"enabled": suffix == "edit"}),
-            }
-        )
 
     def client_missing(self) -> list[tuple[float, str]]:
         """(rate, pattern) for each client."""

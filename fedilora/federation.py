@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedilora import lora, methods
+from fedilora import lora, methods, variants
 from fedilora import metrics as task_metrics
 from fedilora.config import Params
 from fedilora.editing import EditRecord, edit_adapter
@@ -64,7 +64,7 @@ def subsets_from_splits(splits: pd.DataFrame) -> tuple[dict[int, Subset], dict[i
 
 
 def method_setup(params: Params) -> methods.Setup:
-    return methods.Setup(params.seed, tuple(params.clients.client_ranks()), params.lora.alpha_for)
+    return methods.Setup(params.seed, tuple(params.clients.client_ranks()), params.lora.alpha_for, params.federation.server_lr)
 
 
 def check_methods(params: Params) -> None:
@@ -72,7 +72,7 @@ def check_methods(params: Params) -> None:
     clients' ranks; errors name the param. Called before a run starts, so a bad variant does not
     surface after the others ran."""
     runs = [("aggregation", params.aggregation)]
-    runs += [(f"compare.variants: {v}", params.variant(v).aggregation) for v in params.compare.variants]
+    runs += [(f"compare.variants: {v}", variants.resolve(params, v).aggregation) for v in params.compare.variants]
     for where, aggregation in runs:
         try:
             methods.strategy(aggregation.method, method_setup(params), aggregation.options)

@@ -20,7 +20,7 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedilora import methods
+from fedilora import methods, variants
 from fedilora.config import ConfigError, Params, RunnerConfig, load_params
 from fedilora.data import make_splits
 from fedilora.federation import Federation, run
@@ -158,7 +158,7 @@ def run_setting(study: StudyConfig, setting: Setting, seed: int, table: FeatureT
     splits = make_splits(table.labels.numpy(), params)
     frames = []
     for method in methods_for(study, setting):
-        vparams = params.variant(method)
+        vparams = variants.resolve(params, method)
         fed = Federation(vparams, table, splits, model=model_for(vparams))
         frame = pd.DataFrame(run_method(fed))
         frame.insert(0, "method", method)

@@ -20,7 +20,7 @@ import torch
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NONE
 
-from fedilora import checkpoint, comparison, outputs, tracking
+from fedilora import checkpoint, comparison, outputs, tracking, variants
 from fedilora import metrics as task_metrics
 from fedilora.atomic import atomic_dir
 from fedilora.config import Params, load_params
@@ -33,7 +33,7 @@ log = logging.getLogger("fedilora")
 
 def unit_params(params: Params, variant: str, seed: int) -> Params:
     """A variant's params under one seed: the seed draws its splits, schedule and initial adapter."""
-    return params.variant(variant).model_copy(update={"seed": seed})
+    return variants.resolve(params, variant).model_copy(update={"seed": seed})
 
 
 @task(name="compare_unit", cache_policy=NONE)

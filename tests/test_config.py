@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fedilora import variants
 from fedilora.config import ConfigError, Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,9 +102,15 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 def test_overrides_and_variants(tmp_path: Path) -> None:
     params = load_params(_write(tmp_path, {}), {"aggregation.method": "hetlora", "federation.rounds": 3})
     assert params.aggregation.method == "hetlora" and params.federation.rounds == 3
-    variant = params.variant("fedilora+edit")
+    variant = variants.resolve(params, "fedilora+edit")
     assert variant.aggregation.method == "fedilora" and variant.editing.enabled
-    assert not params.variant("flexlora").editing.enabled
+    assert not variants.resolve(params, "flexlora").editing.enabled
+    official = variants.resolve(params, "fedilora+edit@official")
+    assert official.aggregation.options == {"unowned": "zero", "first_round": "fresh", "b_columns": "official"}
+    assert official.lora.alpha_mode == "fixed" and official.lora.alpha == 32 and official.missing.fill == "placeholder"
+    assert variants.resolve(params, "flora@official").aggregation.options["merge_scaling"] == "sum_of_ranks"
+    with pytest.raises(ValueError, match="is not METHOD"):
+        variants.resolve(params, "fedilora+magic")
     with pytest.raises(ConfigError, match="compare.variants"):
         load_params(_write(tmp_path, {"compare": {"variants": ["fedilora+magic"]}}))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedilora import lora, stages
+from fedilora import lora, stages, variants
 from fedilora.config import load_params
 from fedilora.federation import Federation, model_spec, run
 from fedilora.inputs import FeatureTable
@@ -34,7 +34,7 @@ def project(tmp_path_factory) -> tuple[Path, object]:
 def _federation(project, model=None, **variant) -> Federation:
     params, splits = project
     if variant:
-        params = params.variant(variant["name"])
+        params = variants.resolve(params, variant["name"])
     table = FeatureTable.load(DataPaths.of(params).features)
     return Federation(params, table, splits, model=model)
 

@@ -39,12 +39,14 @@ class Options(BaseModel):
 
 @dataclass(frozen=True)
 class Setup:
-    """What a method may know of the federation: the run seed, every client's rank, and the
-    LoRA alpha a slot of a given rank gets (``lora.alpha_for``)."""
+    """What a method may know of the federation: the run seed, every client's rank, the LoRA
+    alpha a slot of a given rank gets (``lora.alpha_for``), and the server learning rate
+    (``federation.server_lr``: the global adapter moves by lr x the aggregated update)."""
 
     seed: int
     ranks: tuple[int, ...]
     alpha_for: Callable[[int], float]
+    server_lr: float = 1.0
 
     def scaling(self, rank: int) -> float:
         return self.alpha_for(rank) / rank
@@ -62,6 +64,9 @@ class ServerStep:
 class Strategy:
     name: ClassVar[str]
     Options: ClassVar[type[Options]] = Options
+    # The options that reproduce the official code's behaviour (the ``@official`` variant);
+    # docs/method.md says what each does and why the default differs.
+    official: ClassVar[dict[str, object]] = {"unowned": "zero", "first_round": "fresh"}
 
     def __init__(self, setup: Setup, options: Options | None = None):
         self.setup = setup
@@ -95,11 +100,20 @@ class Strategy:
     def aggregate(self, states: Sequence[State], ranks: Sequence[int], num_samples: Sequence[int],
                   previous: State) -> ServerStep:
         new = combine(self, states, ranks, num_samples, [self.setup.scaling(r) for r in ranks])
-        return ServerStep(lora.pad(new, previous, keep=self.options.unowned == "keep"))
+        new = lora.pad(new, previous, keep=self.options.unowned == "keep")
+        if self.setup.server_lr != 1.0:
+            new = aggregation.server_step(previous, new, self.setup.server_lr)
+        return ServerStep(new)
 
     def global_alpha(self, rank: int) -> float:
         """LoRA alpha of the slot that holds the global adapter."""
         return self.setup.alpha_for(rank)
+
+    def dimension_weights(self, states: Sequence[State], ranks: Sequence[int], p: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(W_A, W_B), each (K x r_max): the weight of client k in rank dimension j of A's rows and
+        of B's columns, for methods whose global dimension j is sum_k W[k, j] x client k's (the
+        per-dimension diagnostics); None for methods that do not combine dimension by dimension."""
+        return None
 
 
 def combine(strategy: Strategy, states: Sequence[State], ranks: Sequence[int], num_samples: Sequence[int],

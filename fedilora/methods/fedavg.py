@@ -25,3 +25,7 @@ class FedAvg(Strategy):
 
     def combine(self, states: Sequence[State], ranks: Sequence[int], p: Tensor, scalings: Sequence[float]) -> State:
         return aggregation.padded_sum(states, ranks, p.tolist())
+
+    def dimension_weights(self, states: Sequence[State], ranks: Sequence[int], p: Tensor) -> tuple[Tensor, Tensor]:
+        w = p[:, None].expand(-1, max(ranks)).clone()
+        return w, w

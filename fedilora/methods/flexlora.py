@@ -1,7 +1,9 @@
 """FlexLoRA (Bai et al. 2024): the full update dW = sum_k p_k s_k B_k A_k, redistributed by a
 truncated SVD, B = U sqrt(S), A = sqrt(S) V^T. The global factors carry dW with the scaling folded
 in (its slot has scaling 1), so a client of rank r receives the first r components with B divided
-by its own scaling: s_r B_r A_r is then the best rank-r approximation of dW."""
+by its own scaling: s_r B_r A_r is then the best rank-r approximation of dW. A server learning
+rate blends the products, (1 - lr) dW_previous + lr dW, before the SVD (the factors of two SVDs
+are in different bases, so they cannot be blended one by one)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pydantic import Field
 from torch import Tensor
 
 from fedilora import aggregation
-from fedilora.lora import State, a_keys, b_key, is_lora_b
+from fedilora.lora import State, a_keys, b_key, is_lora_b, other_keys
 from fedilora.methods import base
 from fedilora.methods.base import ServerStep, Strategy, combine
 
@@ -25,17 +27,15 @@ class Options(base.Options):
     rank: Annotated[int, Field(gt=0)] | None = None
 
 
-def svd_factors(states: Sequence[State], ranks: Sequence[int], p: Tensor, scalings: Sequence[float],
-                rank: int | None = None) -> State:
-    """Truncated SVD of dW per layer; every layer gets the same rank so shares are uniform.
-    Default rank: min(sum r_k, largest min(d_out, d_in)); a layer whose dW cannot reach it is
-    zero-padded (its extra components are 0)."""
+def svd_factors(states: Sequence[State], coef: Sequence[float], rank: int | None = None) -> State:
+    """Truncated SVD of sum_i coef_i B_i A_i per layer; every layer gets the same rank so shares
+    are uniform. Default rank: min(sum of the states' ranks, largest min(d_out, d_in)); a layer
+    whose product cannot reach it is zero-padded (its extra components are 0)."""
     keys = a_keys(states[0])
     max_dim = max(min(states[0][b_key(k)].shape[0], states[0][k].shape[1]) for k in keys)
-    target = min(sum(ranks), max_dim) if rank is None else int(rank)
+    target = min(sum(s[keys[0]].shape[0] for s in states), max_dim) if rank is None else int(rank)
     if target <= 0:
         raise ValueError(f"flexlora rank must be positive, got {rank}")
-    coef = [pk * sk for pk, sk in zip(p.tolist(), scalings)]
     out: State = {}
     for key in keys:
         u, s, vh = aggregation.low_rank_svd(*aggregation.stacked(states, key, coef, torch.float64))
@@ -62,7 +62,7 @@ class FlexLoRA(Strategy):
 
     def combine(self, states: Sequence[State], ranks: Sequence[int], p: Tensor, scalings: Sequence[float],
                 rank: int | None = None) -> State:
-        return svd_factors(states, ranks, p, scalings, rank or self.options.rank)
+        return svd_factors(states, [pk * sk for pk, sk in zip(p.tolist(), scalings)], rank or self.options.rank)
 
     def aggregate(self, states: Sequence[State], ranks: Sequence[int], num_samples: Sequence[int],
                   previous: State) -> ServerStep:
@@ -70,7 +70,13 @@ class FlexLoRA(Strategy):
         # dimensions to keep: the SVD's components are a new basis every round
         rank = self.options.rank or max(sum(ranks), max(self.setup.ranks))
         scalings = [self.setup.scaling(r) for r in ranks]
-        return ServerStep(combine(self, states, ranks, num_samples, scalings, rank=rank))
+        new = combine(self, states, ranks, num_samples, scalings, rank=rank)
+        lr = self.setup.server_lr
+        if lr != 1.0:
+            blended = svd_factors([previous, new], [1.0 - lr, lr], rank)
+            blended.update({k: previous[k] + lr * (new[k] - previous[k]) for k in other_keys(new)})
+            new = {key: blended[key] for key in new}
+        return ServerStep(new)
 
     def global_alpha(self, rank: int) -> float:
         return float(rank)  # scaling 1: the factors already carry it
