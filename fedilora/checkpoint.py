@@ -47,6 +47,7 @@ def _result_record(result: RoundResult) -> dict:
         "round": result.round,
         "clients": result.clients,
         "global_metrics": result.global_metrics,
+        "diagnostics": result.diagnostics,
         "updates": [
             {
                 "client": u.client,
@@ -74,7 +75,7 @@ def _result_from(record: dict) -> RoundResult:
         )
         for u in record["updates"]
     ]
-    return RoundResult(record["round"], record["clients"], record["global_metrics"], updates)
+    return RoundResult(record["round"], record["clients"], record["global_metrics"], updates, record.get("diagnostics", {}))
 
 
 def save(directory: Path, ckpt: Checkpoint) -> None:

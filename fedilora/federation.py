@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedilora import lora, methods, variants
+from fedilora import aggregation, diagnostics, lora, methods, variants
 from fedilora import metrics as task_metrics
 from fedilora.config import Params
 from fedilora.editing import EditRecord, edit_adapter
@@ -203,6 +203,14 @@ class Federation:
             self._merge_into_base(step.base_delta)
         return step.state
 
+    def diagnose(self, updates: Sequence[ClientUpdate], previous: State, new: State) -> dict:
+        """Per-rank-dimension diagnostics of this round's aggregation (``fedilora.diagnostics``)."""
+        states, ranks = [u.state for u in updates], [u.rank for u in updates]
+        p = aggregation.sample_weights([u.num_samples for u in updates])
+        weights = self.strategy.dimension_weights(states, ranks, p)
+        return diagnostics.rank_dimensions(previous, new, states, ranks, [u.client for u in updates], weights,
+                                           self.params.federation.server_lr)
+
     def save_adapter(self, state: State, directory, *, is_global: bool) -> None:
         """Write a state in PEFT's format (``PeftModel.from_pretrained`` loads it)."""
         with self._lock:
@@ -232,6 +240,7 @@ class RoundResult:
     clients: list[int]
     global_metrics: dict[str, float]
     updates: list[ClientUpdate]
+    diagnostics: dict = field(default_factory=dict)  # fedilora.diagnostics.rank_dimensions
 
     def summary(self) -> dict[str, float]:
         """Flat metric names as logged (``global/accuracy``, ``client/3/accuracy``, ...)."""
@@ -243,7 +252,12 @@ class RoundResult:
         for u in self.updates:
             out[f"client/{u.client}/accuracy"] = u.metrics["accuracy"]
             out[f"client/{u.client}/loss"] = u.loss
-        out["edits"] = float(sum(e.edited for u in self.updates for e in u.edits))
+        edits = [e for u in self.updates for e in u.edits]
+        out["edits"] = float(sum(e.edited for e in edits))
+        if edits:  # editing ran: how often it fired, and how close the clients stayed to the global
+            out["editing/fired_fraction"] = float(np.mean([any(e.edited for e in u.edits) for u in self.updates if u.edits]))
+            out["editing/mean_similarity"] = float(np.mean([e.similarity for e in edits]))
+        out.update({f"diag/{k}": v for k, v in self.diagnostics.get("summary", {}).items()})
         out["clients/sampled"] = float(len(self.clients))
         out["clients/succeeded"] = float(len(self.updates))
         out["clients/failed"] = float(len(self.clients) - len(self.updates))
@@ -292,9 +306,10 @@ def run(
     for round_idx in range(len(results) + 1, rounds + 1):
         clients = fed.sample_clients(round_idx)
         updates = steps.train(clients, state, round_idx)
-        state = steps.aggregate(updates, state)
+        previous, state = state, steps.aggregate(updates, state)
         patterns = PATTERNS if missing_every_round or round_idx == rounds else ()
-        result = RoundResult(round_idx, clients, steps.evaluate(state, patterns), updates)
+        result = RoundResult(round_idx, clients, steps.evaluate(state, patterns), updates,
+                             fed.diagnose(updates, previous, state))
         results.append(result)
         if on_round is not None:
             on_round(results, state)

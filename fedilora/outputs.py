@@ -23,16 +23,20 @@ ROUND_COLUMNS = {
     "personalized/macro_f1": "personalized_macro_f1",
 }
 # Metrics of binary and multi-label tasks (fedilora.metrics): extra columns when a run has them,
-# so the multiclass default's files keep exactly the columns above.
+# so the multiclass default's files keep exactly the columns above; likewise editing's fire rate
+# and similarity (rounds where editing ran) and the rank-dimension diagnostics' summaries.
 EXTRA_METRICS = ("micro_f1", "auroc")
+EXTRA_GROUPS = ("editing", "diag")
 
 
 def round_columns(summary: dict[str, float]) -> dict[str, str]:
-    """Logged name -> CSV column: the fixed ones, then the task's extra global/personalized metrics."""
+    """Logged name -> CSV column: the fixed ones, then the task's extra global/personalized
+    metrics, editing's and the diagnostics' summaries."""
     extra = {
         key: key.replace("/", "_")
         for key in summary
-        if key.split("/")[0] in ("global", "personalized") and key.rsplit("/", 1)[-1] in EXTRA_METRICS
+        if (key.split("/")[0] in ("global", "personalized") and key.rsplit("/", 1)[-1] in EXTRA_METRICS)
+        or key.split("/")[0] in EXTRA_GROUPS
     }
     return {**ROUND_COLUMNS, **extra}
 
@@ -77,6 +81,7 @@ def write_run_outputs(out_dir: Path, results: list[RoundResult], variant: str) -
     _write_csv(clients_frame(results), out_dir / "clients.csv")
     metrics = final_metrics(frame)
     write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "diagnostics.json", {"rounds": [{"round": r.round, **r.diagnostics} for r in results]})
     return metrics
 
 

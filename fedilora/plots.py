@@ -45,3 +45,26 @@ def save_figure(fig: Figure, path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
+
+
+def plot_diagnostics(rounds: list[dict], path: Path) -> None:
+    """Left: how far the global adapter moved along each rank dimension, round by round (the
+    norm of the change, a heat map). Right: the highest-rank sampled client's and the largest
+    client's share of the change per round (``fedilora.diagnostics``)."""
+    fig = Figure(figsize=(11, 4))
+    heat, shares = fig.subplots(1, 2)
+    norms = [[d.get("change_norm", float("nan")) for d in r.get("dimensions", [])] for r in rounds]
+    width = max((len(n) for n in norms), default=0)
+    grid = [n + [float("nan")] * (width - len(n)) for n in norms]
+    if width:
+        image = heat.imshow(list(map(list, zip(*grid))), aspect="auto", origin="lower", cmap="viridis",
+                            extent=(0.5, len(rounds) + 0.5, -0.5, width - 0.5))
+        fig.colorbar(image, ax=heat, label="norm of the global change")
+    heat.set(title="global change per rank dimension", xlabel="round", ylabel="rank dimension j")
+    x = [r["round"] for r in rounds]
+    for key, label in (("highest_rank_share", "highest-rank client(s)"), ("top_client_share", "largest single client")):
+        shares.plot(x, [r.get("summary", {}).get(key, float("nan")) for r in rounds], marker="o", label=label)
+    shares.set(title="share of the global change", xlabel="round", ylabel="share", ylim=(0, 1.05))
+    shares.grid(alpha=0.3)
+    shares.legend(fontsize=8)
+    save_figure(fig, path)

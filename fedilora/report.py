@@ -11,7 +11,7 @@ import pandas as pd
 
 from fedilora import comparison
 from fedilora.atomic import atomic_path
-from fedilora.plots import plot_clients, plot_rounds
+from fedilora.plots import plot_clients, plot_diagnostics, plot_rounds
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -53,6 +53,22 @@ def _variant_rows(table: pd.DataFrame, columns: list[str]) -> list[str]:
     return ["| " + row["variant"] + " | " + " | ".join(cell(row, c) for c in columns) + " |" for _, row in table.iterrows()]
 
 
+def _editing_lines(rounds: pd.DataFrame) -> list[str]:
+    """Editing's fire rate and similarity per round, when the main run edits."""
+    if "editing_fired_fraction" not in rounds:
+        return ["Client editing is off in the main run.", ""]
+    rows = rounds.dropna(subset=["editing_fired_fraction"])
+    return [
+        "Client editing: the fraction of sampled clients whose least similar tensor was edited (similarity "
+        "below `editing.min_similarity`), and the mean cosine similarity of the selected tensors, per round:",
+        "",
+        "| round | fired | mean similarity |",
+        "|---|---|---|",
+        *[f"| {int(r['round'])} | {r['editing_fired_fraction']:.2f} | {r['editing_mean_similarity']:.3f} |" for _, r in rows.iterrows()],
+        "",
+    ]
+
+
 def write_report(run_dir: Path, compare_dir: Path, report_dir: Path) -> Path:
     """reports/: which methods differ (paired over seeds, in words, first), each variant's means,
     every pair on every summary, the main run, and plots, from the federate and compare outputs."""
@@ -69,6 +85,9 @@ def write_report(run_dir: Path, compare_dir: Path, report_dir: Path) -> Path:
     plot_rounds(rounds, report_dir / "personalized_accuracy.png", f"personalized_{headline}")
     plot_clients(pd.read_csv(Path(run_dir) / "clients.csv"), report_dir / "clients.png")
     main = pd.read_json(Path(run_dir) / "metrics.json", typ="series")
+    diagnostics = json.loads((Path(run_dir) / "diagnostics.json").read_text())["rounds"]
+    plot_diagnostics(diagnostics, report_dir / "diagnostics.png")
+    run_rounds = pd.read_csv(Path(run_dir) / "rounds.csv")
     text = [
         "# fedilora report",
         "",
@@ -97,6 +116,13 @@ def write_report(run_dir: Path, compare_dir: Path, report_dir: Path) -> Path:
         "## Main run (`federate`, one seed)",
         "",
         markdown_table(pd.DataFrame([main.to_dict()])),
+        "",
+        *_editing_lines(run_rounds),
+        "Rank dimensions: how far the global adapter moved along each one per round, and how much of "
+        "the move the highest-rank sampled client(s) and the largest single client supplied "
+        "(`diagnostics.json`; MLflow `diagnostics/round_NNN.json` and `diag/*`).",
+        "",
+        "![rank-dimension diagnostics](diagnostics.png)",
         "",
         "![global accuracy per round](global_accuracy.png)",
         "![personalized accuracy per round](personalized_accuracy.png)",

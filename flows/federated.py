@@ -90,6 +90,7 @@ def run_rounds(params: Params, out_dir: Path, variant: str) -> dict[str, float]:
             personal.update({u.client: u.state for u in result.updates})
             tracking.log_metrics(result.summary(), step=result.round)
             tracking.log_dict(_edits_record(result), f"edits/round_{result.round:03d}.json")
+            tracking.log_dict(result.diagnostics, f"diagnostics/round_{result.round:03d}.json")
             checkpoint.save(ckpt_dir, checkpoint.Checkpoint(result.round, mlrun.info.run_id, phash, state, personal,
                                                             fed.base_weights(), results))
             progress.update()
@@ -105,7 +106,7 @@ def run_rounds(params: Params, out_dir: Path, variant: str) -> dict[str, float]:
         for client, client_state in sorted(personal.items()):
             fed.save_adapter(client_state, adapters_dir / f"client_{client}", is_global=False)
         tracking.log_artifacts(adapters_dir, "adapters")
-        for name in ("metrics.json", "rounds.csv", "clients.csv"):
+        for name in ("metrics.json", "rounds.csv", "clients.csv", "diagnostics.json"):
             tracking.log_artifact(out_dir / name)
         split_stats = Path(params.data.root) / "split_stats.json"
         if split_stats.is_file():

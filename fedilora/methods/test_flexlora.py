@@ -42,3 +42,15 @@ def test_global_rank_covers_the_largest_client_and_explicit_rank() -> None:
     big = aggregate("flexlora", states, [4, 4], [1, 1], rank=D_OUT + 3)  # beyond min(d_out, d_in)
     assert big[a_key(0)].shape == (D_OUT + 3, D_IN)
     assert torch.all(big[a_key(0)][D_OUT:] == 0)
+
+
+def test_server_learning_rate_blends_the_products() -> None:
+    ranks = [2, 3]
+    states, previous = [make_state(r, s, head=False) for s, r in enumerate(ranks)], make_state(5, 9, head=False)
+    exact = {"rank": 10}  # enough components to hold the blend of two rank-5 products exactly
+    full = strategy("flexlora", setup(ranks), exact).aggregate(states, ranks, [1, 1], previous).state
+    slow = strategy("flexlora", type(setup(ranks))(seed=0, ranks=(2, 3), alpha_for=lambda r: 2.0 * r, server_lr=0.25), exact)
+    blended = slow.aggregate(states, ranks, [1, 1], previous).state
+    for i in range(LAYERS):
+        expected = 0.75 * previous[b_key(i)] @ previous[a_key(i)] + 0.25 * full[b_key(i)] @ full[a_key(i)]
+        torch.testing.assert_close(blended[b_key(i)] @ blended[a_key(i)], expected, rtol=1e-4, atol=1e-4)

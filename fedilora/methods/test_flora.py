@@ -38,3 +38,16 @@ def test_server_merges_the_product_and_clients_start_fresh() -> None:
     assert not torch.equal(later[a_key(0)], step.state[a_key(0)][:4])  # drawn per (round, client)
     assert not torch.equal(later[a_key(0)], method.share(step.state, 1, 3)[a_key(0)])
     assert not method.editable(2)  # no shared global adapter to compare with
+
+
+def test_official_sum_of_ranks_scaling() -> None:
+    """The official merge: one LoRA of rank sum(r) with the fixed alpha 32, so the merged product
+    is 32 / sum(r) x sum_k p_k B_k A_k whatever each client's own scaling."""
+    ranks = [2, 4, 8]
+    fixed = setup(ranks)
+    fixed = type(fixed)(seed=0, ranks=tuple(ranks), alpha_for=lambda r: 32.0)
+    states = [make_state(r, s, head=False) for s, r in enumerate(ranks)]
+    step = strategy("flora", fixed, {"merge_scaling": "sum_of_ranks"}).aggregate(states, ranks, [1, 2, 3], make_state(8, 9, head=False))
+    for i in range(LAYERS):
+        expected = 32.0 / 14 * sum(pk * s[b_key(i)] @ s[a_key(i)] for pk, s in zip(probs([1, 2, 3]), states))
+        torch.testing.assert_close(step.base_delta[a_key(i)], expected, rtol=1e-5, atol=1e-5)

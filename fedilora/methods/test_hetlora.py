@@ -28,3 +28,23 @@ def test_all_zero_norms_fall_back_to_sample_weights() -> None:
             s[b_key(i)].zero_()
     out = aggregate("hetlora", states, [2, 4], [1, 3])
     torch.testing.assert_close(out[a_key(0)], 0.25 * pad_a(states[0][a_key(0)], 4) + 0.75 * states[1][a_key(0)])
+
+
+def test_official_running_sum_weights_match_the_official_loop() -> None:
+    """The official weight loop, written out: per client a running total of ||B A||_F over the
+    layers, added to the client's score after every layer; scores renormalised over clients."""
+    ranks = [2, 4, 3]
+    states = [make_state(r, s, scale=1.0 + s) for s, r in enumerate(ranks)]
+    scores = []
+    for state in states:
+        running = score = 0.0
+        for i in range(LAYERS):
+            running += torch.linalg.matrix_norm(state[b_key(i)] @ state[a_key(i)]).item()
+            score += running
+        scores.append(score)
+    w = [s / sum(scores) for s in scores]
+    out = aggregate("hetlora", states, ranks, [5, 5, 5], weights="running_sum")
+    expected = sum(wk * pad_a(s[a_key(1)], 4) for wk, s in zip(w, states))
+    torch.testing.assert_close(out[a_key(1)], expected, rtol=1e-5, atol=1e-6)
+    plain = aggregate("hetlora", states, ranks, [5, 5, 5])
+    assert not torch.allclose(plain[a_key(1)], out[a_key(1)])  # layer 0 counts twice here
