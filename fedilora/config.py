@@ -266,10 +266,22 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None)
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return parse_params(_apply(data, overrides), str(path))
+
+
+def _apply(data: dict, overrides: dict | None) -> dict:
+    """Dotted keys (``a.b``) set into a nested mapping, in place."""
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    return parse_params(data, str(path))
+    return data
+
+
+def with_overrides(params: Params, overrides: dict | None, source: str = "overrides") -> Params:
+    """``params`` with dotted-key overrides, validated again."""
+    if not overrides:
+        return params
+    return parse_params(_apply(params.model_dump(mode="json"), overrides), source)

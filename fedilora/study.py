@@ -1,68 +1,74 @@
-"""The quality study: every method on a grid of rank sets, missing-modality settings, label
-skews and seeds, run on one base model with splits made in memory.
+"""The quality study: the paper's claims tested in the paper's regime (the *reference* setting),
+then one factor at a time around it, each comparison paired over seeds with its 95 % CI
+(``fedilora.stats``), plus ablations at the reference (the official code's behaviours one by one,
+a server learning rate for every method alike).
 
-The grid is a union of *sweeps*: each sweep crosses its own factor levels, so a study can vary
-one factor at a time around a reference setting (what fits in an hour on 2 cores) or cross
-everything (``study.full_grid``) when there is more compute. One (setting, seed) pair is the
-unit of work: its splits are made once and every method runs on them, so methods differ only
-in how they aggregate.
+Every setting, variant and ablation is a set of dotted param overrides on the base params file, so
+the study file says exactly what differs from a plain run. One (setting, seed) pair is the unit of
+work: its splits are made once and every variant runs on them, so variants differ only in what
+their overrides change.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
-import math
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any
 
 import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedilora import methods, variants
-from fedilora.config import ConfigError, Params, RunnerConfig, load_params
-from fedilora.data import make_splits
+from fedilora import comparison, stats, variants
+from fedilora.config import ConfigError, Params, RunnerConfig, load_params, with_overrides
+from fedilora.data.splits import make_splits
 from fedilora.federation import Federation, run
 from fedilora.inputs import FeatureTable
+from fedilora.outputs import rounds_frame
 
-Pattern = Literal["image", "text", "both"]
+REFERENCE = "reference"
+MAIN, RIVALS, EDITED = "fedilora", ("hetlora", "flora", "flexlora"), "fedilora+edit"
+Overrides = dict[str, Any]
 
 
-class Sweep(BaseModel):
-    """Factor levels crossed with each other; rate 0 ignores the pattern (nothing is missing)."""
+class Ablation(BaseModel):
+    """A variant at the reference with more overrides; ``against``: the variant it is measured
+    against (default: its own variant without the overrides)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    ranks: list[str]
-    dirichlet_alpha: list[Annotated[float, Field(gt=0.0)]]
-    missing_rate: list[Annotated[float, Field(ge=0.0, le=1.0)]]
-    pattern: list[Pattern] = ["both"]
+    variant: str
+    overrides: Overrides = Field(default_factory=dict)
+    against: str | None = None
 
 
 class StudyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     base_params: Path = Path("params.yaml")
-    overrides: dict[str, object] = Field(default_factory=dict)  # dotted keys, applied to every run
-    methods: list[str]
-    seeds: list[int]
-    rank_sets: dict[str, list[Annotated[int, Field(gt=0)]]]
-    sweeps: dict[str, Sweep]
-    full_grid: bool = False  # cross every level of every sweep instead of the union of sweeps
+    reference: Overrides = Field(default_factory=dict)  # dotted overrides of the base params
+    settings: dict[str, Overrides] = Field(default_factory=dict)  # each: overrides of the reference
+    variants: list[str]
+    extra_variants: dict[str, list[str]] = Field(default_factory=dict)  # setting -> variants only it runs
+    ablations: dict[str, Ablation] = Field(default_factory=dict)  # at the reference only
+    seeds: Annotated[list[int], Field(min_length=1)]
+    reference_seeds: list[int] | None = None  # default: ``seeds``
     experiment: str = "fedilora-study"
     runner: RunnerConfig = RunnerConfig(task_runner="dask", n_workers=2)  # a process per core
     out_dir: Path = Path("outputs/study")
     report_dir: Path = Path("reports/study")
 
     @model_validator(mode="after")
-    def _known_names(self) -> "StudyConfig":
-        for method in self.methods:
-            name, _, suffix = method.partition("+")
-            if name not in methods.REGISTRY or suffix not in ("", "edit"):
-                raise ValueError(f"methods: unknown method {method!r}; expected one of {sorted(methods.REGISTRY)}, optionally with '+edit'")
-        for sweep_name, sweep in self.sweeps.items():
-            unknown = [r for r in sweep.ranks if r not in self.rank_sets]
-            if unknown:
-                raise ValueError(f"sweeps.{sweep_name}.ranks: {unknown} not in rank_sets {sorted(self.rank_sets)}")
+    def _consistent(self) -> "StudyConfig":
+        for name in [*self.variants, *(v for vs in self.extra_variants.values() for v in vs),
+                     *(a.variant for a in self.ablations.values())]:
+            variants.parse(name)  # raises naming a malformed variant
+        unknown = [s for s in self.extra_variants if s != REFERENCE and s not in self.settings]
+        if unknown:
+            raise ValueError(f"extra_variants: {unknown} are not settings ({[REFERENCE, *self.settings]})")
+        if REFERENCE in self.settings:
+            raise ValueError(f"settings: {REFERENCE!r} is the reference itself; give the setting another name")
+        clash = set(self.ablations) & set(self.variants)
+        if clash:
+            raise ValueError(f"ablations: {sorted(clash)} reuse variant names")
         return self
 
 
@@ -71,138 +77,123 @@ def load_study(path: str | Path) -> StudyConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: study file not found")
     try:
-        return StudyConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+        study = StudyConfig.model_validate(yaml.safe_load(path.read_text()) or {})
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     except ValidationError as err:
         where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         raise ConfigError(f"{path}: {where}") from None
+    for name in [REFERENCE, *study.settings]:  # every setting must make valid params
+        setting_params(study, name, study.seeds[0])
+    return study
 
 
-class Setting(BaseModel):
-    model_config = ConfigDict(frozen=True)
-    ranks: str
-    dirichlet_alpha: float
-    missing_rate: float
-    pattern: Pattern
-
-    @property
-    def name(self) -> str:
-        missing = "complete" if self.missing_rate == 0 else f"{self.pattern}{self.missing_rate:g}"
-        return f"{self.ranks}-dir{self.dirichlet_alpha:g}-{missing}"
+def setting_names(study: StudyConfig) -> list[str]:
+    return [REFERENCE, *study.settings]
 
 
-def settings(study: StudyConfig) -> list[Setting]:
-    """The study's settings, deduplicated, in a stable order."""
-    sweeps = list(study.sweeps.values())
-    if study.full_grid:
-        levels = {f: sorted({v for s in sweeps for v in getattr(s, f)}, key=str) for f in Sweep.model_fields}
-        sweeps = [Sweep(**levels)]
-    found: dict[str, Setting] = {}
-    for sweep in sweeps:
-        for ranks, alpha, rate, pattern in itertools.product(sweep.ranks, sweep.dirichlet_alpha, sweep.missing_rate, sweep.pattern):
-            setting = Setting(ranks=ranks, dirichlet_alpha=alpha, missing_rate=rate, pattern="both" if rate == 0 else pattern)
-            found.setdefault(setting.name, setting)
-    return list(found.values())
+def seeds_for(study: StudyConfig, setting: str) -> list[int]:
+    return list(study.reference_seeds or study.seeds) if setting == REFERENCE else list(study.seeds)
 
 
-def methods_for(study: StudyConfig, setting: Setting) -> list[str]:
-    """FedAvg is defined for equal ranks only."""
-    equal = len(set(study.rank_sets[setting.ranks])) == 1
-    return [m for m in study.methods if equal or not m.startswith("fedavg")]
+def setting_params(study: StudyConfig, setting: str, seed: int) -> Params:
+    """The base params with the reference's overrides, the setting's, and the seed."""
+    try:
+        params = load_params(study.base_params, study.reference)
+        return with_overrides(params, {**study.settings.get(setting, {}), "seed": seed})
+    except ConfigError as err:
+        raise ConfigError(f"study setting {setting!r}: {err}") from None
 
 
-def run_params(study: StudyConfig, setting: Setting, seed: int) -> Params:
-    ranks = study.rank_sets[setting.ranks]
-    overrides = {
-        **study.overrides,
-        "seed": seed,
-        "clients.ranks": ranks,
-        "clients.partition": "dirichlet",
-        "clients.dirichlet_alpha": setting.dirichlet_alpha,
-        "missing.rate": setting.missing_rate,
-        "missing.pattern": setting.pattern,
-        "compare.variants": [m for m in study.methods if len(set(ranks)) == 1 or not m.startswith("fedavg")],
-    }
-    if len(ranks) > 1:
-        overrides["clients.num_clients"] = len(ranks)
-    return load_params(study.base_params, overrides)
-
-
-def unit_key(study: StudyConfig, setting: Setting, seed: int) -> str:
-    """File name of a finished (setting, seed): changed params or methods give a new name, so a
-    resumed study never reuses a result computed under other settings."""
-    content = run_params(study, setting, seed).model_dump_json() + ",".join(methods_for(study, setting))
-    return f"{setting.name}-seed{seed}-{hashlib.sha256(content.encode()).hexdigest()[:10]}"
-
-
-def run_method(fed: Federation) -> list[dict]:
-    """All rounds of one method (``federation.run``); global accuracy every round, each missing
-    pattern after the last one."""
-    _, results = run(fed, missing_every_round=False)
-    return [
-        {
-            "round": r.round,
-            **{f"global_{k}": v for k, v in r.global_metrics.items()},
-            "personalized_accuracy": r.summary()["personalized/accuracy"],
-            "edits": sum(e.edited for u in r.updates for e in u.edits),
-        }
-        for r in results
-    ]
-
-
-def run_setting(study: StudyConfig, setting: Setting, seed: int, table: FeatureTable, model_for) -> pd.DataFrame:
-    """Every method on one (setting, seed): the same splits, the same initial adapter.
-    ``model_for(params)`` returns the shared base model (one per process and rank layout)."""
-    params = run_params(study, setting, seed)
-    splits = make_splits(table.labels.numpy(), params)
-    frames = []
-    for method in methods_for(study, setting):
-        vparams = variants.resolve(params, method)
-        fed = Federation(vparams, table, splits, model=model_for(vparams))
-        frame = pd.DataFrame(run_method(fed))
-        frame.insert(0, "method", method)
-        frames.append(frame)
-    out = pd.concat(frames, ignore_index=True)
-    for column, value in (("seed", seed), ("pattern", setting.pattern), ("missing_rate", setting.missing_rate),
-                          ("dirichlet_alpha", setting.dirichlet_alpha), ("ranks", setting.ranks), ("setting", setting.name)):
-        out.insert(0, column, value)
+def runs_for(study: StudyConfig, setting: str) -> dict[str, tuple[str, Overrides]]:
+    """label -> (variant name, extra overrides) of every run in one setting."""
+    out = {v: (v, {}) for v in [*study.variants, *study.extra_variants.get(setting, [])]}
+    if setting == REFERENCE:
+        out.update({name: (a.variant, a.overrides) for name, a in study.ablations.items()})
     return out
 
 
-# --------------------------------------------------------------------------- summaries
-
-FINAL_METRICS = ("global_accuracy", "personalized_accuracy", "global_missing_image/accuracy", "global_missing_text/accuracy")
-
-
-def final_rows(results: pd.DataFrame) -> pd.DataFrame:
-    last = results.groupby(["setting", "seed", "method"])["round"].transform("max")
-    return results[results["round"] == last]
+def run_params(study: StudyConfig, setting: str, seed: int, label: str) -> Params:
+    variant, overrides = runs_for(study, setting)[label]
+    return with_overrides(variants.resolve(setting_params(study, setting, seed), variant), overrides)
 
 
-def summary_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over seeds of the final-round metrics, per setting and method."""
-    final = final_rows(results)
-    keys = ["setting", "ranks", "dirichlet_alpha", "missing_rate", "pattern", "method"]
-    grouped = final.groupby(keys, sort=False)[list(FINAL_METRICS)]
-    table = grouped.mean().join(grouped.std(ddof=1), rsuffix="_std").join(grouped.size().rename("seeds"))
-    return table.reset_index()
+def unit_key(study: StudyConfig, setting: str, seed: int) -> str:
+    """File name of a finished (setting, seed): changed params or runs give a new name, so a
+    resumed study never reuses a result computed under other settings."""
+    content = "".join(run_params(study, setting, seed, label).model_dump_json() for label in runs_for(study, setting))
+    return f"{setting}-seed{seed}-{hashlib.sha256(content.encode()).hexdigest()[:10]}"
 
 
-def wins(table: pd.DataFrame, method: str, rivals: list[str], metric: str) -> tuple[int, int]:
-    """In how many settings ``method``'s mean beats every rival's (ties count as not beating)."""
-    won = total = 0
-    for _, group in table.groupby("setting", sort=False):
-        means = group.set_index("method")[metric]
-        present = [r for r in rivals if r in means.index]
-        if method not in means.index or not present:
+def run_unit(study: StudyConfig, setting: str, seed: int, table: FeatureTable, model_for, test_rows=None) -> pd.DataFrame:
+    """Every run of one (setting, seed): the same splits, the same initial adapter. ``model_for(params)``
+    returns the shared base model (one per process and model spec)."""
+    params = setting_params(study, setting, seed)
+    splits = make_splits(table.labels.numpy(), params, test_rows=test_rows)
+    frames = []
+    for label in runs_for(study, setting):
+        vparams = run_params(study, setting, seed, label)
+        fed = Federation(vparams, table, splits, model=model_for(vparams))
+        _, results = run(fed, missing_every_round=False)
+        frames.append(rounds_frame(results, label))
+    out = pd.concat(frames, ignore_index=True)
+    out.insert(0, "seed", seed)
+    out.insert(0, "setting", setting)
+    return out
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def per_seed(results: pd.DataFrame, headline: str = "accuracy") -> pd.DataFrame:
+    """One row per (setting, variant, seed): the comparison summaries (last 3 rounds, final)."""
+    rows = [{"setting": s, "variant": v, "seed": seed, **comparison.seed_summary(g, headline)}
+            for (s, v, seed), g in results.groupby(["setting", "variant", "seed"], sort=False)]
+    return pd.DataFrame(rows)
+
+
+def claim_pairs(study: StudyConfig) -> list[tuple[str, str, str]]:
+    """(claim, a, b): FediLoRA against each baseline, and editing against no editing."""
+    pairs = [(f"{MAIN} beats {rival}", MAIN, rival) for rival in RIVALS if rival in study.variants]
+    if EDITED in study.variants and MAIN in study.variants:
+        pairs.append(("editing improves fedilora", EDITED, MAIN))
+    return pairs
+
+
+def verdicts(study: StudyConfig, seeds_table: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Per setting, claim and metric: the paired difference, its CI and the verdict."""
+    rows = []
+    for setting in setting_names(study):
+        here = seeds_table[seeds_table["setting"] == setting]
+        for claim, a, b in claim_pairs(study):
+            for metric in metrics:
+                wide = here.pivot_table(index="seed", columns="variant", values=metric, aggfunc="first")
+                if a not in wide or b not in wide:
+                    continue
+                both = wide[[a, b]].dropna()
+                diff = stats.paired_difference(both[a].to_numpy(), both[b].to_numpy())
+                rows.append({"setting": setting, "claim": claim, "a": a, "b": b, "metric": metric, **diff.as_dict()})
+    return pd.DataFrame(rows)
+
+
+def ablation_table(study: StudyConfig, seeds_table: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Each ablation at the reference: its difference from what it is measured against, and its
+    margin over the best baseline (the rival with the highest mean), both paired with CIs."""
+    ref = seeds_table[seeds_table["setting"] == REFERENCE]
+    wide = ref.pivot_table(index="seed", columns="variant", values=metric, aggfunc="first")
+    rivals = [r for r in RIVALS if r in wide]
+    best = max(rivals, key=lambda r: wide[r].mean()) if rivals else None
+    rows = []
+    for name, ablation in study.ablations.items():
+        base = ablation.against or ablation.variant
+        if name not in wide or base not in wide:
             continue
-        total += 1
-        won += bool(means[method] > means[present].max())
-    return won, total
-
-
-def mean_std(mean: float, std: float) -> str:
-    if math.isnan(mean):
-        return "–"
-    return f"{mean:.3f} ± {std:.3f}" if not math.isnan(std) else f"{mean:.3f}"
+        change = stats.paired_difference(wide[name], wide[base])
+        row = {"ablation": name, "variant": ablation.variant, "against": base, "change_mean": change.mean,
+               "change_ci_low": change.ci_low, "change_ci_high": change.ci_high, "change_verdict": change.verdict}
+        if best is not None:
+            margin = stats.paired_difference(wide[name], wide[best])
+            row.update(best_baseline=best, margin_mean=margin.mean, margin_ci_low=margin.ci_low,
+                       margin_ci_high=margin.ci_high, margin_verdict=margin.verdict)
+        rows.append(row)
+    return pd.DataFrame(rows)

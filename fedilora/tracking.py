@@ -19,7 +19,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from fedilora.config import Params
@@ -127,24 +127,27 @@ def log_artifact(local_file: Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifact(str(local_file), artifact_path)
 
 
-def log_study_unit(frame: pd.DataFrame, params: Params, experiment: str) -> None:
-    """One MLflow run per method of a finished study unit (setting, seed): params, tags and
-    per-round metrics, written in one batch each."""
-    experiment_id = configure(params.model_copy(update={"tracking": params.tracking.model_copy(update={"experiment": experiment})}))
-    client = MlflowClient()
-    for method, rows in frame.groupby("method", sort=False):
+def log_study_unit(frame: pd.DataFrame, experiment: str, params_for: Callable[[str], Params]) -> None:
+    """One MLflow run per run of a finished study unit (setting, seed): every param, tags
+    (setting, variant, seed) and per-round metrics, written in one batch each."""
+    client = None
+    for label, rows in frame.groupby("variant", sort=False):
+        params = params_for(label)
+        if client is None:
+            experiment_id = configure(params.model_copy(update={"tracking": params.tracking.model_copy(update={"experiment": experiment})}))
+            client = MlflowClient()
         first = rows.iloc[0]
-        name = f"{first['setting']}/{method}/seed{first['seed']}"
-        run = client.create_run(experiment_id, run_name=name, tags={"study": "quality", "method": method, "setting": first["setting"]})
+        name = f"{first['setting']}/{label}/seed{first['seed']}"
+        tags = {"study": "quality", "setting": first["setting"], "variant": label, "seed": str(first["seed"]), "mlflow.runName": name}
+        run = client.create_run(experiment_id, run_name=name, tags=tags)
         now = int(time.time() * 1000)
-        metrics = [Metric(col.replace("global_", "global/").replace("personalized_", "personalized/"), float(v), now, int(r["round"]))
-                   for _, r in rows.iterrows() for col, v in r.items()
-                   if col.startswith(("global_", "personalized_")) and pd.notna(v)]
-        values = {"method": method, "ranks": first["ranks"], "rank_list": params.clients.ranks, "dirichlet_alpha": first["dirichlet_alpha"],
-                  "missing_rate": first["missing_rate"], "missing_pattern": first["pattern"], "seed": first["seed"],
-                  "rounds": params.federation.rounds}
-        client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in values.items()],
-                         tags=[RunTag("mlflow.runName", name)])
+        columns = [c for c in rows.columns if c.startswith(("global_", "personalized_", "diag_", "editing_"))]
+        metrics = [Metric(metric_key(c), float(r[c]), now, int(r["round"])) for _, r in rows.iterrows() for c in columns if pd.notna(r[c])]
+        values = [Param(k, v) for k, v in flatten(params.model_dump(mode="json")).items()]
+        for i in range(0, len(values), 100):  # MLflow's batch limits: 100 params, 1000 metrics
+            client.log_batch(run.info.run_id, params=values[i:i + 100])
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run.info.run_id, metrics=metrics[i:i + 1000])
         client.set_terminated(run.info.run_id)
 
 
