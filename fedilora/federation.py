@@ -72,12 +72,17 @@ def check_methods(params: Params) -> None:
     clients' ranks; errors name the param. Called before a run starts, so a bad variant does not
     surface after the others ran."""
     runs = [("aggregation", params.aggregation)]
-    runs += [(f"compare.variants: {v}", variants.resolve(params, v).aggregation) for v in params.compare.variants]
+    runs += [(f"compare.variants: {v}: aggregation", variants.resolve(params, v).aggregation) for v in params.compare.variants]
     for where, aggregation in runs:
         try:
-            methods.strategy(aggregation.method, method_setup(params), aggregation.options)
+            options = methods.options_for(aggregation.method, aggregation.options)
         except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
+            field = "options" if aggregation.method in methods.REGISTRY else "method"
+            raise ValueError(f"{where}.{field}: {err}") from None
+        try:
+            methods.method_class(aggregation.method)(method_setup(params), options)
+        except ValueError as err:
+            raise ValueError(f"{where}.method: {err}") from None
 
 
 def model_spec(params: Params, table: FeatureTable) -> ModelSpec:

@@ -64,13 +64,13 @@ def test_methods_are_checked_before_a_run(tmp_path: Path) -> None:
     from fedilora.federation import check_methods
 
     data = {"aggregation": {"method": "fedilora"}, "compare": {"variants": ["hetlora", "fedavg"]}}
-    with pytest.raises(ValueError, match=r"compare.variants: fedavg: fedavg needs equal ranks.*clients.ranks"):
+    with pytest.raises(ValueError, match=r"compare.variants: fedavg: aggregation.method: fedavg needs equal ranks.*clients.ranks"):
         check_methods(load_params(_write(tmp_path, data)))
     data["clients"] = {"num_clients": 3, "ranks": [8]}
     check_methods(load_params(_write(tmp_path, data)))
-    with pytest.raises(ValueError, match=r"aggregation: unknown aggregation method 'fedprox'.*fedilora"):
+    with pytest.raises(ValueError, match=r"aggregation.method: unknown aggregation method 'fedprox'.*fedilora"):
         check_methods(load_params(_write(tmp_path, {"aggregation": {"method": "fedprox"}})))
-    with pytest.raises(ValueError, match=r"aggregation: method 'fedilora' got unknown options \['rnak'\]"):
+    with pytest.raises(ValueError, match=r"aggregation.options: method 'fedilora' got unknown options \['rnak'\]"):
         check_methods(load_params(_write(tmp_path, {"aggregation": {"options": {"rnak": 3}}})))
 
 

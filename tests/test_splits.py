@@ -34,7 +34,7 @@ def _train(df: pd.DataFrame) -> pd.DataFrame:
 
 def test_columns_and_types():
     df = make_splits(LABELS, params())
-    assert list(df.columns) == ["row", "client", "split", "has_image", "has_text"]
+    assert list(df.columns) == ["seed", "row", "client", "split", "has_image", "has_text"]
     assert df["row"].dtype == np.int64 and df["client"].dtype == np.int64
     assert df["has_image"].dtype == bool and df["has_text"].dtype == bool
     assert set(df["split"]) == {"train", "test"}
