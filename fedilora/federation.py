@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedilora import aggregation
+from fedilora import aggregation, devices
 from fedilora import metrics as task_metrics
 from fedilora.config import Params
 from fedilora.editing import EditRecord, edit_adapter
@@ -71,7 +71,7 @@ def _base_model(params: Params, image_dim: int, num_classes: int) -> tuple[torch
     if params.model.name_or_path:  # a Hugging Face family (fedilora.models.hf); image_dim unused
         from fedilora.models import hf
 
-        base, spec = hf.build(params.model, num_classes, params.seed)
+        base, spec = hf.build(params.model, num_classes, params.seed, params.runtime)
         return base, {"target_modules": spec.target_modules, "modules_to_save": spec.modules_to_save,
                       "exclude_modules": spec.exclude_modules}
     text_model = load_text_model(params.model.name, params.seed)
@@ -84,14 +84,16 @@ def build_model(params: Params, image_dim: int, num_classes: int) -> adapters.Pe
     """The base model wrapped with PEFT; its first slot is the initial global adapter (r_max)."""
     base, lora = _base_model(params, image_dim, num_classes)
     r_max = max(params.clients.client_ranks())
-    return adapters.wrap_with_lora(base, r_max, params.lora.alpha_for(r_max), dropout=params.lora.dropout, **lora)
+    model = adapters.wrap_with_lora(base, r_max, params.lora.alpha_for(r_max), dropout=params.lora.dropout, **lora)
+    return devices.place(model, params.runtime)  # runtime.device, dtype policy, checkpointing
 
 
 def load_adapter_model(params: Params, adapter_dir, image_dim: int, num_classes: int):
     """A logged adapter (PEFT format) on a freshly built base model, ready for inference."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(_base_model(params, image_dim, num_classes)[0], str(adapter_dir)).eval()
+    model = PeftModel.from_pretrained(_base_model(params, image_dim, num_classes)[0], str(adapter_dir))
+    return devices.place(model, params.runtime).eval()
 
 
 class Federation:
@@ -154,7 +156,7 @@ class Federation:
 
     def base_weights(self) -> State:
         """The adapted layers' base weights as they are now (FLoRA merges into them)."""
-        return {k: w.detach().clone() for k, w in adapters.target_base_weights(self.model).items()}
+        return {k: w.detach().to("cpu", copy=True) for k, w in adapters.target_base_weights(self.model).items()}
 
     def set_base_weights(self, weights: State) -> None:
         with self._lock:
@@ -249,7 +251,7 @@ class Federation:
             weights = adapters.target_base_weights(self.model)
             for key, weight in weights.items():
                 delta = stacked[key.replace("lora_A.", "lora_B.")] @ stacked[key]
-                weight.data += delta.to(weight.dtype)
+                weight.data += delta.to(weight)  # the weight's device and dtype
             r_max = max(self.ranks)
             return self.fresh_state(r_max, derive_seed(self.params.seed, 0), template=stacked)
 

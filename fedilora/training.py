@@ -1,7 +1,9 @@
 """Local training and evaluation loops over index subsets of a ``FeatureTable``.
 
 Small on purpose: one optimiser step loop, one evaluation loop. Whatever adapter slot is active
-on the model is what trains or is evaluated; the caller swaps slots.
+on the model is what trains or is evaluated; the caller swaps slots. Batches are built on the
+CPU from the feature table and moved to the model's device; forward passes run under the
+model's autocast (``fedilora.devices``); what comes back (loss, logits) is on the CPU.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fedilora import devices
 from fedilora import metrics as task_metrics
 from fedilora.inputs import FeatureTable, make_batch
 
@@ -37,8 +40,10 @@ class Subset:
 
 
 def _forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return model(**inputs)
+    device = devices.device_of(model)
+    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
+    with devices.autocast(model):
+        return model(**inputs)
 
 
 def length_bucketed_batches(lengths: torch.Tensor, batch_size: int, generator: torch.Generator | None, bucket: int = 4) -> list[torch.Tensor]:
@@ -72,6 +77,7 @@ def train_local(
     if not params:
         raise RuntimeError("no trainable parameters: is an adapter active?")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scaler = devices.grad_scaler(model)
     model.train()
     total, count = 0.0, 0
     lengths = table.text_mask[data.rows].sum(1) * data.has_text
@@ -79,10 +85,11 @@ def train_local(
         for idx in length_bucketed_batches(lengths, batch_size, generator):
             batch = make_batch(table, data.rows[idx], data.has_image[idx], data.has_text[idx], fill)
             out = _forward(model, batch)  # a generative model (LLaVA) returns its LM loss on the answers
-            loss = out if out.ndim == 0 else task_metrics.loss(out, batch["labels"])
+            loss = out if out.ndim == 0 else task_metrics.loss(out.float(), batch["labels"].to(out.device))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             total += loss.item() * len(idx)
             count += len(idx)
     model.eval()
@@ -99,7 +106,7 @@ def predict_logits(model: nn.Module, table: FeatureTable, data: Subset, *, batch
     for start in range(0, len(data), batch_size):
         idx = order[start : start + batch_size]
         batch = make_batch(table, data.rows[idx], data.has_image[idx], data.has_text[idx], fill)
-        out = _forward(model, batch).float()
+        out = _forward(model, batch).float().cpu()
         if logits is None:
             logits = torch.zeros(len(data), out.shape[-1])
         logits[idx] = out
