@@ -144,8 +144,12 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     supported = [m for m in outermost if m.supports_gradient_checkpointing]
     if not supported:
         raise DeviceError("runtime.gradient_checkpointing: the model has no transformers layers that support it")
-    for module in supported:
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in supported:  # transformers 5.x renamed it; both take the torch.utils.checkpoint kwargs
+        enable = getattr(module, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def device_of(model: nn.Module) -> torch.device:

@@ -276,6 +276,9 @@ def build(model_cfg, num_classes: int, seed: int = 0, runtime=None) -> tuple[nn.
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": devices.check(runtime)})
     base = _load(model_class(family), name, "model", **kwargs)
+    for module_name, module in base.named_modules():  # trained modules (LLaVA's projector) in float32
+        if module_name.split(".")[-1] in TRAINED[family]:  # before PEFT copies them into adapter slots
+            module.float()
     tokenizer = Processor(name).tokenizer if family != "clip" else None
     return wrap(family, base, num_classes, seed, tokenizer), lora_spec(model_cfg, family)
 
