@@ -186,3 +186,13 @@ def test_bf16_trained_clients_aggregate_like_float32_ones(checkpoints, family) -
         moves[name] = {k: v - start[k] for k, v in merged.items()}
     diffs = [((moves["bfloat16"][k] - m).norm() / m.norm()).item() for k, m in moves["float32"].items() if m.norm() > 0]
     assert diffs and sorted(diffs)[len(diffs) // 2] < 0.2, diffs
+
+
+def test_runtime_params_are_logged_to_mlflow() -> None:
+    """Every param reaches MLflow flattened (tracking.start_run): runtime.* included."""
+    from fedilora.tracking import flatten
+
+    logged = flatten(parse_params({"runtime": {"dtype": "bfloat16"}, "runner": {"gpus_per_worker": 1}}).model_dump(mode="json"))
+    assert logged["runtime.dtype"] == "bfloat16" and logged["runtime.device"] == "auto"
+    assert {"runtime.mixed_precision", "runtime.gradient_checkpointing", "runtime.quantization"} <= set(logged)
+    assert logged["runner.gpus_per_worker"] == "1.0"
