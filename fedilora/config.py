@@ -197,6 +197,9 @@ class RuntimeConfig(_Section):
     mixed_precision: Literal["auto", "none", "bfloat16", "float16"] = "auto"
     gradient_checkpointing: bool = False
     quantization: Literal["none", "4bit", "8bit"] = "none"
+    # samples per evaluation batch; LLaVA's greedy generation keeps a KV cache per sample
+    # (`fedilora plan` prints its size): lower it on a small GPU
+    eval_batch_size: PositiveInt = 128
 
     @field_validator("device")
     @classmethod

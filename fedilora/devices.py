@@ -19,6 +19,7 @@ from torch import nn
 from fedilora.config import RuntimeConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_EVAL_BATCH = RuntimeConfig().eval_batch_size
 
 
 class DeviceError(RuntimeError):
@@ -130,6 +131,7 @@ def place(model: nn.Module, runtime: RuntimeConfig) -> nn.Module:
     if runtime.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.autocast_dtype = runtime.autocast_dtype()
+    model.eval_batch_size = runtime.eval_batch_size
     return model
 
 
@@ -150,6 +152,11 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def eval_batch_size(model: nn.Module) -> int:
+    """Samples per evaluation batch: ``runtime.eval_batch_size`` of the placed model."""
+    return getattr(model, "eval_batch_size", DEFAULT_EVAL_BATCH)
 
 
 def device_of(model: nn.Module) -> torch.device:

@@ -396,8 +396,8 @@ def make_plan(params: Params, *, shapes: Shapes | None = None, num_classes: int 
     )
 
 
-def _kv_cache(model: nn.Module, family: str, shapes: Shapes, params: Params, eval_batch: int = 128) -> int:
-    """LLaVA's generation cache for one evaluation batch (``training.evaluate``'s 128): keys
+def _kv_cache(model: nn.Module, family: str, shapes: Shapes, params: Params) -> int:
+    """LLaVA's generation cache for one evaluation batch (``runtime.eval_batch_size``): keys
     and values of every layer for the prompt and the answer, in the compute dtype."""
     if family != "llava":
         return 0
@@ -405,7 +405,7 @@ def _kv_cache(model: nn.Module, family: str, shapes: Shapes, params: Params, eva
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     element = devices.DTYPES[params.runtime.autocast_dtype() or params.runtime.dtype].itemsize
-    return int(2 * text.num_hidden_layers * eval_batch * shapes.text * heads * head_dim * element)
+    return int(2 * text.num_hidden_layers * params.runtime.eval_batch_size * shapes.text * heads * head_dim * element)
 
 
 # ---- printing ------------------------------------------------------------------------------------------
@@ -439,7 +439,8 @@ def format_plan(plan: Plan) -> str:
         if part != "total":
             lines.append(f"  {part:<16} {human(value):>12}")
     if plan.eval_kv_cache:
-        lines.append(f"evaluation: generation KV cache of a 128-sample batch {human(plan.eval_kv_cache)}")
+        lines.append(f"evaluation: generation KV cache of a {rt['eval_batch_size']}-sample batch (runtime.eval_batch_size) "
+                     f"{human(plan.eval_kv_cache)}")
     lines.append("not included: the CUDA context and allocator slack (allow ~1 GiB)")
     return "\n".join(lines)
 

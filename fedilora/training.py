@@ -97,8 +97,10 @@ def train_local(
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, table: FeatureTable, data: Subset, *, batch_size: int = 128, fill: str = "absent") -> torch.Tensor:
-    """The model's logits (N, C) for the subset's rows, in the subset's order."""
+def predict_logits(model: nn.Module, table: FeatureTable, data: Subset, *, batch_size: int | None = None, fill: str = "absent") -> torch.Tensor:
+    """The model's logits (N, C) for the subset's rows, in the subset's order; ``batch_size``
+    defaults to the model's ``runtime.eval_batch_size`` (``devices.place``)."""
+    batch_size = batch_size or devices.eval_batch_size(model)
     model.eval()
     # Length-sorted batches carry little padding (make_batch trims it); order restored below.
     order = torch.argsort(table.text_mask[data.rows].sum(1) * data.has_text, stable=True)
@@ -113,13 +115,13 @@ def predict_logits(model: nn.Module, table: FeatureTable, data: Subset, *, batch
     return logits if logits is not None else torch.zeros(0, 0)
 
 
-def predict(model: nn.Module, table: FeatureTable, data: Subset, *, batch_size: int = 128, fill: str = "absent") -> torch.Tensor:
+def predict(model: nn.Module, table: FeatureTable, data: Subset, *, batch_size: int | None = None, fill: str = "absent") -> torch.Tensor:
     """Class ids (argmax), or for multi-label data a 0/1 matrix of the predicted labels."""
     logits = predict_logits(model, table, data, batch_size=batch_size, fill=fill)
     return task_metrics.predictions(logits, task_metrics.task_of(table.labels))
 
 
-def evaluate(model: nn.Module, table: FeatureTable, data: Subset, *, batch_size: int = 128, fill: str = "absent") -> dict[str, float]:
+def evaluate(model: nn.Module, table: FeatureTable, data: Subset, *, batch_size: int | None = None, fill: str = "absent") -> dict[str, float]:
     """The task's metrics (fedilora.metrics): accuracy and macro-F1 (over the classes present in
     truth or prediction); plus AUROC for binary, micro-F1 for multi-label data."""
     task = task_metrics.task_of(table.labels)

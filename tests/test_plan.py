@@ -138,6 +138,7 @@ def test_llava_15_7b_at_the_paper_ranks_without_weights(tmp_path) -> None:
     assert est.base_bytes["16bit"] == pytest.approx(2 * 7.063e9, rel=0.01)
     assert est.base_bytes["4bit"] < est.base_bytes["8bit"] < est.base_bytes["16bit"] < est.base_bytes["float32"]
     assert est.shapes["text"] == 576 + plan.PROMPT_TOKENS + 24 + plan.ANSWER_TOKENS
+    assert est.eval_kv_cache == 2 * 32 * 128 * est.shapes["text"] * 4096 * 2  # K and V, 32 layers, bf16
     memory = est.memory
     assert memory["total"] == sum(v for k, v in memory.items() if k != "total")
     assert 0 < memory["activations"] < memory["base"]
