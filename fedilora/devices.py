@@ -60,11 +60,12 @@ def check(runtime: RuntimeConfig) -> torch.device:
                 f"runtime.quantization={runtime.quantization}: bitsandbytes quantization needs a CUDA device, "
                 f"and runtime.device={runtime.device} resolves to {device}; use runtime.quantization: none"
             )
-        bitsandbytes_version(runtime)
+        require_bitsandbytes(runtime)
     return device
 
 
-def bitsandbytes_version(runtime: RuntimeConfig) -> str:
+def require_bitsandbytes(runtime: RuntimeConfig) -> str:
+    """bitsandbytes' version; a one-line error when it does not import."""
     try:
         import bitsandbytes
     except Exception as err:  # ImportError, or its own errors when its CUDA library does not load

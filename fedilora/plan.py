@@ -85,7 +85,7 @@ class Plan:
     shapes: dict
     frozen_params: int
     trainable_params: dict[int, int]  # per distinct rank: LoRA factors + trained modules
-    base_bytes: dict[str, int]  # float32, bfloat16/float16 (alias 16bit), 8bit, 4bit
+    base_bytes: dict[str, int]  # the frozen base in float32, 16bit, 8bit and 4bit
     adapter_bytes: dict[int, int]  # per distinct rank: the float32 state a client sends
     sent_bytes: dict[int, dict[str, int]]  # per distinct rank: down and up per round
     memory: dict[str, int] = field(default_factory=dict)  # peak training memory of one worker, by part
@@ -179,27 +179,28 @@ def format_bytes(numel: int, rows: int, fmt: str) -> int:
 
 
 def base_bytes(model: nn.Module, family: str, dtype: torch.dtype) -> dict[str, int]:
-    """The frozen base in each format. Quantized formats quantize the linear layers that
-    transformers would (all but ``hf.quantization_skips``) and keep the rest in ``dtype``;
-    trained modules' originals stay float32 in every format."""
+    """The frozen base in each format. Quantized formats (Hugging Face families only) quantize
+    the linear layers that transformers would (all but ``hf.quantization_skips``) and keep the
+    rest in ``dtype``; trained modules' originals stay float32 in every format."""
     from fedilora.models import hf
 
-    skips = set(hf.quantization_skips(family) or ["lm_head"])
+    formats = ("float32", "16bit") if family == "embedded" else ("float32", "16bit", "8bit", "4bit")
+    skips = set(hf.quantization_skips(family) or ["lm_head"]) if family != "embedded" else set()
     linear = {f"{name}.weight" for name, m in model.named_modules()
               if isinstance(m, nn.Linear) and not skips & set(name.split("."))}
     out = {}
-    for fmt in ("float32", "16bit", "8bit", "4bit"):
-        rest = 4 if fmt == "float32" else (2 if fmt == "16bit" else dtype.itemsize)
+    for fmt in formats:
+        rest = {"float32": 4, "16bit": 2}.get(fmt, dtype.itemsize)
         total = 0
         for name, p in model.named_parameters():
             if in_slot(name):
                 continue
             if ".original_module." in name:
                 total += 4 * p.numel()
-            elif name in linear and family != "embedded":
+            elif name in linear and fmt in ("8bit", "4bit"):
                 total += format_bytes(p.numel(), p.shape[0], fmt)
             else:
-                total += rest * p.numel() if fmt in ("8bit", "4bit") else format_bytes(p.numel(), 0, fmt)
+                total += rest * p.numel()
         out[fmt] = total
     return out
 
@@ -237,7 +238,7 @@ def _dense_loss(model: nn.Module, family: str, shapes: Shapes, dtype: torch.dtyp
         vilt, emb = wrapper.vilt, wrapper.vilt.embeddings
         # the wrapper's own inputs to ViLT: pixels with absent images zeroed, an all-ones pixel mask
         pixels = torch.where(torch.ones(b, 1, 1, 1, dtype=torch.bool, device=meta), pixels, torch.zeros_like(pixels))
-        pixel_mask = torch.ones(b, *pixels.shape[2:], dtype=torch.long, device=meta)  # noqa: F841 (held, as ViLT holds it)
+        pixel_mask = torch.ones(b, *pixels.shape[2:], dtype=torch.long, device=meta)  # noqa: F841 (alive for the pass, as the wrapper's)
         text = emb.text_embeddings(input_ids=ids) + emb.token_type_embeddings(torch.zeros_like(ids))
         patches = emb.patch_embeddings(pixels).flatten(2).transpose(1, 2)
         image = torch.cat([emb.cls_token.expand(b, -1, -1), patches], 1)  # + position embeddings, as ViLT adds
@@ -273,7 +274,8 @@ class LiveBytes(TorchDispatchMode):
         self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        # held during the op, so their ids cannot be reused by a new storage
+        inputs = {id(st): st for st in (t.untyped_storage() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor))}
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor):
