@@ -71,6 +71,7 @@ def test_cuda_or_quantization_without_cuda_is_a_one_line_error() -> None:
         devices.check(RuntimeConfig(quantization="4bit"))
 
 
+@pytest.mark.slow
 @NO_CUDA
 def test_cli_federate_on_cuda_without_cuda_exits_2_with_one_line(tmp_path) -> None:
     write_project(tmp_path)
@@ -101,6 +102,7 @@ def test_bf16_base_float32_adapters_and_trained_modules(checkpoints, family) -> 
     assert {t.dtype for t in state.values()} == {torch.float32} and {t.device.type for t in state.values()} == {"cpu"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_training_lowers_the_loss_and_round_trips_in_peft_format(checkpoints, family, tmp_path) -> None:  # noqa: F811
     params = _params(checkpoints[family], BF16)
@@ -155,6 +157,7 @@ def test_a_cpu_float32_state_loads_into_a_bf16_model(checkpoints) -> None:  # no
 # ---- aggregation does not depend on where or in what precision clients trained ------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_trained_clients_aggregate_like_float32_ones(checkpoints, family) -> None:  # noqa: F811
     """Two clients' round through ``Federation.client_update`` (the path a GPU worker runs) on a

@@ -144,6 +144,7 @@ def test_llava_15_7b_at_the_paper_ranks_without_weights(tmp_path) -> None:
     assert 0 < memory["activations"] < memory["base"]
 
 
+@pytest.mark.slow
 def test_plan_command(tmp_path) -> None:
     write_project(tmp_path)
     proc = run_cli(tmp_path, "plan", "--out", "plan.json", "-S", "runtime.dtype=bfloat16")
