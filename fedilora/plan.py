@@ -257,7 +257,8 @@ def _dense_loss(model: nn.Module, family: str, shapes: Shapes, dtype: torch.dtyp
     text = llava.get_input_embeddings()(ids[:, : s - image.shape[1]])
     embeds = torch.cat([image.to(text.dtype), text], 1)
     causal = torch.ones(b, 1, s, s, dtype=torch.bool, device=meta).tril()  # a 2D mask would be inspected
-    return llava(inputs_embeds=embeds, attention_mask=causal, labels=torch.zeros(b, s, dtype=torch.long, device=meta)).loss
+    labels = torch.zeros(b, s, dtype=torch.long, device=meta)
+    return llava(inputs_embeds=embeds, attention_mask=causal, labels=labels, use_cache=False).loss
 
 
 class LiveBytes(TorchDispatchMode):
