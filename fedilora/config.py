@@ -158,22 +158,73 @@ class TrackingConfig(_Section):
 
 class RunnerConfig(_Section):
     """How Prefect runs client tasks: threads in this process, or a Dask or Ray cluster (a local
-    one with ``n_workers`` worker processes on 127.0.0.1, or an existing one at ``address``)."""
+    one with ``n_workers`` worker processes on 127.0.0.1, or an existing one at ``address``).
+    Threads share one base model (and one GPU): clients train one at a time."""
 
     task_runner: Literal["threads", "dask", "ray", "sequential"] = "threads"
     max_workers: PositiveInt = 4
     retries: Annotated[int, Field(ge=0)] = 2
     address: str | None = None
     n_workers: PositiveInt = 2
+    # dask/ray: GPUs each worker process owns (docs/gpu.md); 0 = CPU workers. Ray takes a
+    # fraction (workers sharing a GPU); a local Dask cluster gives worker i its own whole GPUs.
+    gpus_per_worker: Annotated[float, Field(ge=0.0)] = 0.0
 
     @model_validator(mode="after")
     def _address_fits_runner(self) -> "RunnerConfig":
+        if self.task_runner == "dask" and self.gpus_per_worker != int(self.gpus_per_worker):
+            raise ValueError(
+                f"gpus_per_worker={self.gpus_per_worker}: a Dask worker owns whole GPUs (CUDA_VISIBLE_DEVICES); "
+                "use an integer, or the ray runner for a fraction"
+            )
         scheme = self.address.split("://")[0] if self.address and "://" in self.address else None
         if self.task_runner == "dask" and scheme == "ray":
             raise ValueError(f"address {self.address!r} is a Ray address; a Dask scheduler is tcp://host:8786")
         if self.task_runner == "ray" and scheme not in (None, "ray"):
             raise ValueError(f"address {self.address!r} is not a Ray address: ray://host:10001, host:6379 or auto")
         return self
+
+
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+
+
+class RuntimeConfig(_Section):
+    """Where and in what precision a worker computes (docs/gpu.md). ``device: auto`` is the GPU
+    when torch sees one, else the CPU. ``dtype`` is the frozen base's; LoRA factors, trained
+    modules and their optimizer state are always float32. ``mixed_precision: auto`` autocasts
+    to ``dtype`` when that is not float32. ``quantization`` loads the base's linear layers in
+    4-bit (NF4, QLoRA) or 8-bit through bitsandbytes (the ``gpu`` extra; CUDA only)."""
+
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    mixed_precision: Literal["auto", "none", "bfloat16", "float16"] = "auto"
+    gradient_checkpointing: bool = False
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    # samples per evaluation batch; LLaVA's greedy generation keeps a KV cache per sample
+    # (`fedilora plan` prints its size): lower it on a small GPU
+    eval_batch_size: PositiveInt = 128
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, device: str) -> str:
+        if not re.fullmatch(DEVICE_PATTERN, device):
+            raise ValueError(f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N")
+        return device
+
+    @model_validator(mode="after")
+    def _precision_fits(self) -> "RuntimeConfig":
+        if self.mixed_precision == "none" and self.dtype != "float32":
+            raise ValueError(
+                f"mixed_precision=none with dtype={self.dtype}: the float32 LoRA factors and trained modules "
+                f"meet the {self.dtype} base only under autocast; use mixed_precision auto or {self.dtype}"
+            )
+        return self
+
+    def autocast_dtype(self) -> str | None:
+        """The autocast dtype of training and evaluation, or None for none."""
+        if self.mixed_precision == "auto":
+            return None if self.dtype == "float32" else self.dtype
+        return None if self.mixed_precision == "none" else self.mixed_precision
 
 
 class CompareConfig(_Section):
@@ -208,6 +259,7 @@ class Params(_Section):
     faults: FaultsConfig = FaultsConfig()
     tracking: TrackingConfig = TrackingConfig()
     runner: RunnerConfig = RunnerConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
     compare: CompareConfig = CompareConfig()
 
     @model_validator(mode="after")
@@ -220,6 +272,11 @@ class Params(_Section):
                     f"missing.{name} has {len(value)} entries; expected a single value or "
                     f"clients.num_clients={n}"
                 )
+        if self.runtime.quantization != "none" and not self.model.name_or_path:
+            raise ValueError(
+                f"runtime.quantization={self.runtime.quantization} applies to a Hugging Face model "
+                "(model.name_or_path); the embedded and tiny models are not quantized"
+            )
         for variant in self.compare.variants:
             if not re.fullmatch(r"[A-Za-z0-9_]+(\+edit)?(@official)?", variant):
                 raise ValueError(f"compare.variants: {variant!r} is not METHOD, METHOD+edit or METHOD[+edit]@official")

@@ -64,7 +64,8 @@ def subsets_from_splits(splits: pd.DataFrame) -> tuple[dict[int, Subset], dict[i
 
 
 def method_setup(params: Params) -> methods.Setup:
-    return methods.Setup(params.seed, tuple(params.clients.client_ranks()), params.lora.alpha_for, params.federation.server_lr)
+    return methods.Setup(params.seed, tuple(params.clients.client_ranks()), params.lora.alpha_for,
+                         params.federation.server_lr, quantized=params.runtime.quantization != "none")
 
 
 def check_methods(params: Params) -> None:
@@ -130,7 +131,7 @@ class Federation:
         with self._lock:
             if not self.shared.base_changed:
                 return None
-            return {k: w.detach().clone() for k, w in adapters.target_base_weights(self.model).items()}
+            return {k: w.detach().to("cpu", copy=True) for k, w in adapters.target_base_weights(self.model).items()}
 
     def set_base_weights(self, weights: State | None) -> None:
         """Set the adapted layers' base weights; None restores the foundation model's."""
@@ -145,7 +146,7 @@ class Federation:
     def _merge_into_base(self, delta: State) -> None:
         with self._lock:
             for key, weight in adapters.target_base_weights(self.model).items():
-                weight.data += delta[key].to(weight.dtype)
+                weight.data += delta[key].to(weight)  # the weight's device and dtype
             self.shared.base_changed = True
 
     # ---- the round's steps -----------------------------------------------------------------
@@ -181,6 +182,7 @@ class Federation:
                 fill=p.missing.fill,
                 generator=torch.Generator().manual_seed(seed),
                 make_batch=self.make_batch,
+                runtime=p.runtime,
             )
             state = adapters.get_state(self.model, slot)
             edits: list[EditRecord] = []
@@ -194,7 +196,7 @@ class Federation:
                     mode=p.editing.mode,
                 )
                 adapters.load_state(self.model, slot, state)
-            metrics = evaluate(self.model, self.table, self.test_sets[client], fill=p.missing.fill, make_batch=self.make_batch)
+            metrics = self._evaluate(self.test_sets[client])
         return ClientUpdate(client, rank, len(self.train_sets[client]), state, loss, metrics, edits)
 
     def aggregate(self, updates: Sequence[ClientUpdate], previous: State) -> State:
@@ -226,17 +228,20 @@ class Federation:
     def evaluate_global(self, state: State, patterns: tuple[str, ...] = PATTERNS) -> dict[str, float]:
         """The aggregated model on the global test split: all modalities, then each of
         ``patterns`` absent."""
-        fill = self.params.missing.fill
         with self._lock:
             slot = self._global_slot(state)
             adapters.load_state(self.model, slot, state)
             adapters.activate(self.model, slot)
-            metrics = evaluate(self.model, self.table, self.global_test, fill=fill, make_batch=self.make_batch)
+            metrics = self._evaluate(self.global_test)
             for pattern in patterns:
-                absent = self.global_test.drop(pattern)
-                for name, value in evaluate(self.model, self.table, absent, fill=fill, make_batch=self.make_batch).items():
+                for name, value in self._evaluate(self.global_test.drop(pattern)).items():
                     metrics[f"missing_{pattern}/{name}"] = value
         return metrics
+
+    def _evaluate(self, data: Subset) -> dict[str, float]:
+        """The active adapter on ``data``."""
+        p = self.params
+        return evaluate(self.model, self.table, data, fill=p.missing.fill, make_batch=self.make_batch, runtime=p.runtime)
 
 
 @dataclass

@@ -1,7 +1,10 @@
 """Local training and evaluation loops over index subsets of a ``FeatureTable``.
 
 Small on purpose: one optimiser step loop, one evaluation loop. Whatever adapter slot is active
-on the model is what trains or is evaluated; the caller swaps slots.
+on the model is what trains or is evaluated; the caller swaps slots. Batches are built on the
+CPU from the feature table (by the model family's ``make_batch``) and moved to the model's
+device; forward passes run under ``runtime``'s autocast (``fedilora.devices``); what comes back
+(loss, logits) is on the CPU.
 """
 
 from __future__ import annotations
@@ -11,8 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fedilora import devices
 from fedilora import metrics as task_metrics
+from fedilora.config import RuntimeConfig
 from fedilora.inputs import BatchFn, FeatureTable, feature_batch
+
+CPU = RuntimeConfig(device="cpu")
 
 
 @dataclass(frozen=True)
@@ -36,9 +43,11 @@ class Subset:
         raise ValueError(f"unknown modality {modality!r}; expected 'image' or 'text'")
 
 
-def _forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return model(**inputs)
+def _forward(model: nn.Module, batch: dict[str, torch.Tensor], runtime: RuntimeConfig) -> torch.Tensor:
+    device = devices.device_of(model)
+    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
+    with devices.autocast(model, runtime):
+        return model(**inputs)
 
 
 def length_bucketed_batches(lengths: torch.Tensor, batch_size: int, generator: torch.Generator | None, bucket: int = 4) -> list[torch.Tensor]:
@@ -67,23 +76,26 @@ def train_local(
     fill: str = "absent",
     generator: torch.Generator | None = None,
     make_batch: BatchFn = feature_batch,
+    runtime: RuntimeConfig = CPU,
 ) -> float:
     """AdamW over the trainable (active adapter) parameters; returns the mean training loss."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("no trainable parameters: is an adapter active?")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scaler = devices.grad_scaler(model, runtime)
     model.train()
     total, count = 0.0, 0
     lengths = table.text_mask[data.rows].sum(1) * data.has_text
     for _ in range(epochs):
         for idx in length_bucketed_batches(lengths, batch_size, generator):
             batch = make_batch(table, data.rows[idx], data.has_image[idx], data.has_text[idx], fill)
-            out = _forward(model, batch)  # a generative model (LLaVA) returns its LM loss on the answers
-            loss = out if out.ndim == 0 else task_metrics.loss(out, batch["labels"])
+            out = _forward(model, batch, runtime)  # a generative model (LLaVA) returns its LM loss on the answers
+            loss = out if out.ndim == 0 else task_metrics.loss(out.float(), batch["labels"].to(out.device))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             total += loss.item() * len(idx)
             count += len(idx)
     model.eval()
@@ -91,9 +103,11 @@ def train_local(
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, table: FeatureTable, data: Subset, *, batch_size: int = 128, fill: str = "absent",
-                   make_batch: BatchFn = feature_batch) -> torch.Tensor:
-    """The model's logits (N, C) for the subset's rows, in the subset's order."""
+def predict_logits(model: nn.Module, table: FeatureTable, data: Subset, *, fill: str = "absent",
+                   make_batch: BatchFn = feature_batch, runtime: RuntimeConfig = CPU) -> torch.Tensor:
+    """The model's logits (N, C) for the subset's rows, in the subset's order, in batches of
+    ``runtime.eval_batch_size``."""
+    batch_size = runtime.eval_batch_size
     model.eval()
     # Length-sorted batches carry little padding (make_batch trims it); order restored below.
     order = torch.argsort(table.text_mask[data.rows].sum(1) * data.has_text, stable=True)
@@ -101,19 +115,19 @@ def predict_logits(model: nn.Module, table: FeatureTable, data: Subset, *, batch
     for start in range(0, len(data), batch_size):
         idx = order[start : start + batch_size]
         batch = make_batch(table, data.rows[idx], data.has_image[idx], data.has_text[idx], fill)
-        out = _forward(model, batch).float()
+        out = _forward(model, batch, runtime).float().cpu()
         if logits is None:
             logits = torch.zeros(len(data), out.shape[-1])
         logits[idx] = out
     return logits if logits is not None else torch.zeros(0, 0)
 
 
-def evaluate(model: nn.Module, table: FeatureTable, data: Subset, *, batch_size: int = 128, fill: str = "absent",
-             make_batch: BatchFn = feature_batch) -> dict[str, float]:
+def evaluate(model: nn.Module, table: FeatureTable, data: Subset, *, fill: str = "absent",
+             make_batch: BatchFn = feature_batch, runtime: RuntimeConfig = CPU) -> dict[str, float]:
     """The task's metrics (fedilora.metrics): accuracy and macro-F1 (over the classes present in
     truth or prediction); plus AUROC for binary, micro-F1 for multi-label data."""
     task = task_metrics.task_of(table.labels)
     if len(data) == 0:
         return task_metrics.empty(task)
-    logits = predict_logits(model, table, data, batch_size=batch_size, fill=fill, make_batch=make_batch).numpy()
+    logits = predict_logits(model, table, data, fill=fill, make_batch=make_batch, runtime=runtime).numpy()
     return task_metrics.compute(task, table.labels[data.rows].numpy(), logits)

@@ -62,10 +62,30 @@ def check_prefect_server() -> None:
                            "start one with `prefect server start` or unset PREFECT_API_URL") from None
 
 
+def check_runtime(params) -> None:
+    """``runtime.*`` can be had here (device, bfloat16, bitsandbytes) before any flow starts;
+    on a remote cluster (``runner.address``) the workers' machines decide, so not checked here."""
+    from fedilora import devices
+
+    if params.runner.task_runner in ("threads", "sequential") or params.runner.address is None:
+        devices.check(params.runtime)
+
+
+def cmd_plan(args, params) -> None:
+    from fedilora import plan
+
+    result = plan.make_plan(params, num_classes=args.num_classes)
+    print(plan.format_plan(result))
+    if args.out:
+        plan.write(result, args.out)
+        print(f"plan -> {args.out}")
+
+
 def cmd_federate(args, params) -> None:
     from flows.federated import federated_training
     from flows.runners import task_runner
 
+    check_runtime(params)
     check_prefect_server()
     flow = federated_training.with_options(task_runner=task_runner(params))
     metrics = flow(params_path=str(args.params), overrides=args.overrides, out_dir=str(args.out))
@@ -76,6 +96,7 @@ def cmd_compare(args, params) -> None:
     from flows.compare import compare_methods
     from flows.runners import unit_runner
 
+    check_runtime(params)
     check_prefect_server()
     flow = compare_methods.with_options(task_runner=unit_runner(params.compare.runner))
     pairs = flow(params_path=str(args.params), overrides=args.overrides, out_dir=str(args.out))
@@ -116,6 +137,7 @@ def cmd_serve(args, params) -> None:
 COMMANDS = {
     "prepare": (cmd_prepare, "fetch and build the dataset and its image feature cache"),
     "split": (cmd_split, "clients, partition and missing-modality splits"),
+    "plan": (cmd_plan, "parameters, bytes and peak memory per worker of the configured run, without loading weights"),
     "federate": (cmd_federate, "run the federated_training Prefect flow"),
     "compare": (cmd_compare, "run compare.variants as sibling MLflow runs"),
     "report": (cmd_report, "tables and plots in reports/"),
@@ -133,6 +155,9 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("-S", "--set", dest="set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a param, e.g. -S aggregation.method=hetlora")
         s.add_argument("--debug", action="store_true", help="show tracebacks")
+        if name == "plan":
+            s.add_argument("--num-classes", type=int, default=None, help="classes when no prepared data says (default 10)")
+            s.add_argument("--out", type=Path, default=None, help="also write the plan as JSON here")
         if name == "federate":
             s.add_argument("--out", type=Path, default=Path("outputs/federate"))
         if name == "compare":

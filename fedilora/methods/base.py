@@ -40,13 +40,15 @@ class Options(BaseModel):
 @dataclass(frozen=True)
 class Setup:
     """What a method may know of the federation: the run seed, every client's rank, the LoRA
-    alpha a slot of a given rank gets (``lora.alpha_for``), and the server learning rate
-    (``federation.server_lr``: the global adapter moves by lr x the aggregated update)."""
+    alpha a slot of a given rank gets (``lora.alpha_for``), the server learning rate
+    (``federation.server_lr``: the global adapter moves by lr x the aggregated update), and whether
+    the base weights are quantized (``runtime.quantization``: nothing can be folded into them)."""
 
     seed: int
     ranks: tuple[int, ...]
     alpha_for: Callable[[int], float]
     server_lr: float = 1.0
+    quantized: bool = False
 
     def scaling(self, rank: int) -> float:
         return self.alpha_for(rank) / rank

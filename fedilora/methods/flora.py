@@ -31,6 +31,12 @@ class FLoRA(Strategy):
     Options = Options
     official = {**Strategy.official, "merge_scaling": "sum_of_ranks"}
 
+    def __init__(self, setup: base.Setup, options: base.Options | None = None):
+        if setup.quantized:
+            raise ValueError("flora folds each round's update into the base weights, which quantized weights cannot "
+                             "take; use another method or runtime.quantization: none")
+        super().__init__(setup, options)
+
     def share(self, global_state: State, client: int, round_idx: int) -> State:
         if round_idx == 1:  # the global adapter is still an ordinary (fresh) one
             return super().share(global_state, client, round_idx)

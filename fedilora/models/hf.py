@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from fedilora import devices
+from fedilora.config import RuntimeConfig
 from fedilora.inputs import PLACEHOLDER_TEXT, FeatureTable
 
 FAMILIES = ("clip", "vilt", "llava")
@@ -235,24 +237,49 @@ class LlavaClassifier(nn.Module):
         return scores
 
 
-def build(model_cfg, num_classes: int, seed: int = 0) -> tuple[nn.Module, LoraSpec]:
-    """The wrapped base model of ``model.name_or_path`` and where its LoRA goes."""
-    from transformers import CLIPModel, LlavaForConditionalGeneration, ViltModel
+MODEL_CLASSES = {"clip": "CLIPModel", "vilt": "ViltModel", "llava": "LlavaForConditionalGeneration"}
 
+
+def model_class(family: str):
+    import transformers
+
+    return getattr(transformers, MODEL_CLASSES[family])
+
+
+def quantization_skips(family: str) -> list[str] | None:
+    """Modules a 4/8-bit base keeps in ``runtime.dtype``: LLaVA's trained projector and its LM
+    head (transformers skips only the head by default); CLIP's and ViLT's heads are ours, built
+    after loading, so transformers' default applies."""
+    return [*TRAINED[family], "lm_head"] if family == "llava" else None
+
+
+def wrap(family: str, base: nn.Module, num_classes: int, seed: int, tokenizer) -> nn.Module:
+    """The family's wrapper around a loaded (or empty, for ``fedilora.plan``) base model."""
+    torch.manual_seed(seed)  # the head starts the same in every process
+    if family == "clip":
+        return ClipClassifier(base, num_classes)
+    if family == "vilt":
+        return ViltClassifier(base, num_classes, tokenizer.cls_token_id)
+    return LlavaClassifier(base, tokenizer)
+
+
+def build(model_cfg, num_classes: int, seed: int = 0, runtime=None) -> tuple[nn.Module, LoraSpec]:
+    """The wrapped base model of ``model.name_or_path`` and where its LoRA goes. The base is
+    read in ``runtime.dtype``, or quantized while it is read (``runtime.quantization``, straight
+    onto the CUDA device); ``fedilora.devices.place`` does the rest once LoRA is on."""
+    runtime = runtime or RuntimeConfig()
     name = str(model_cfg.name_or_path)
     family = family_of(load_config(name))
-    if family == "clip":
-        base = _load(CLIPModel, name, "model", dtype=torch.float32)
-        torch.manual_seed(seed)  # the head starts the same in every process
-        model = ClipClassifier(base, num_classes)
-    elif family == "vilt":
-        base = _load(ViltModel, name, "model", dtype=torch.float32)
-        torch.manual_seed(seed)
-        model = ViltClassifier(base, num_classes, Processor(name).tokenizer.cls_token_id)
-    else:
-        base = _load(LlavaForConditionalGeneration, name, "model")
-        model = LlavaClassifier(base, Processor(name).tokenizer)
-    return model, lora_spec(model_cfg, family)
+    kwargs: dict = {"dtype": devices.DTYPES[runtime.dtype]}
+    quantization = devices.quantization_config(runtime, quantization_skips(family))
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, device_map={"": devices.check(runtime)})
+    base = _load(model_class(family), name, "model", **kwargs)
+    for module_name, module in base.named_modules():  # trained modules (LLaVA's projector) in float32
+        if module_name.split(".")[-1] in TRAINED[family]:  # before PEFT copies them into adapter slots
+            module.float()
+    tokenizer = Processor(name).tokenizer if family != "clip" else None
+    return wrap(family, base, num_classes, seed, tokenizer), lora_spec(model_cfg, family)
 
 
 # ---- inputs --------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from fedilora.config import ModelConfig, Params
+from fedilora import devices
+from fedilora.config import ModelConfig, Params, RuntimeConfig
 from fedilora.lora import State
 from fedilora.models import adapters
 from fedilora.models.families import family_of
@@ -27,6 +28,7 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     model: ModelConfig
+    runtime: RuntimeConfig  # device, dtype, quantization: a model is built for them
     seed: int
     image_dim: int
     num_classes: int
@@ -37,7 +39,7 @@ class ModelSpec(BaseModel):
     @classmethod
     def of(cls, params: Params, image_dim: int, num_classes: int) -> "ModelSpec":
         rank = max(params.clients.client_ranks())
-        return cls(model=params.model, seed=params.seed, image_dim=image_dim, num_classes=num_classes, rank=rank,
+        return cls(model=params.model, runtime=params.runtime, seed=params.seed, image_dim=image_dim, num_classes=num_classes, rank=rank,
                    alpha=params.lora.alpha_for(rank), dropout=params.lora.dropout)
 
     def key(self) -> str:
@@ -57,13 +59,18 @@ class SharedModel:
 
 def base_model(spec: ModelSpec):
     """The unwrapped base model and where its LoRA goes (``wrap_with_lora`` keyword arguments)."""
-    return family_of(spec.model).build(spec.model, spec.num_classes, spec.seed, spec.image_dim)
+    return family_of(spec.model).build(spec.model, spec.num_classes, spec.seed, spec.image_dim, spec.runtime)
 
 
 def build(spec: ModelSpec) -> SharedModel:
+    """The PEFT-wrapped base model on ``runtime.device`` in its precision policy (``devices.place``).
+    The foundation weights are kept on the CPU (a quantized base keeps none: no method may fold
+    an update into it)."""
     base, lora_kwargs = base_model(spec)
     peft = adapters.wrap_with_lora(base, spec.rank, spec.alpha, dropout=spec.dropout, **lora_kwargs)
-    foundation = {k: w.detach().clone() for k, w in adapters.target_base_weights(peft).items()}
+    peft = devices.place(peft, spec.runtime)
+    foundation = {} if spec.runtime.quantization != "none" else {
+        k: w.detach().to("cpu", copy=True) for k, w in adapters.target_base_weights(peft).items()}
     return SharedModel(peft, foundation, adapters.get_state(peft, next(iter(peft.peft_config))))
 
 
@@ -71,4 +78,4 @@ def load_adapter_model(spec: ModelSpec, adapter_dir: Path):
     """A logged adapter (PEFT format) on a freshly built base model, ready for inference."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base_model(spec)[0], str(adapter_dir)).eval()
+    return devices.place(PeftModel.from_pretrained(base_model(spec)[0], str(adapter_dir)), spec.runtime).eval()
