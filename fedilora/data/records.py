@@ -28,7 +28,11 @@ TEXT_COLUMNS = ("text", "name", "keywords")
 
 
 class DatasetError(ValueError):
-    """A dataset that cannot be built or used; the message names the file (and line or row)."""
+    """A dataset that cannot be built or used; the message names the file (and line or row).
+    Always one line, whatever a library's message it quotes (the CLI prints it as is)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split("\n")))
 
 
 @dataclass(frozen=True)
