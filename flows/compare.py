@@ -25,6 +25,8 @@ from fedilora import metrics as task_metrics
 from fedilora.atomic import atomic_dir
 from fedilora.config import Params, load_params
 from fedilora.federation import check_methods, run
+from fedilora.paths import DataPaths
+from fedilora.stages import check_prepared
 from flows.runners import unit_threads
 from tasks.runtime import federation
 
@@ -84,6 +86,7 @@ def compare_methods(params_path: str = "params.yaml", overrides: dict | None = N
     """``compare.variants`` x ``compare.seeds``; returns the primary metric's pairs."""
     params = load_params(params_path, overrides)
     check_methods(params)
+    check_prepared(DataPaths.of(params))
     out = Path(out_dir)
     variants, seeds = params.compare.variants, params.compare.seeds
     units = [(v, s) for s in seeds for v in variants]

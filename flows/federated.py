@@ -17,6 +17,8 @@ from fedilora.atomic import write_json
 from fedilora.config import Params, load_params
 from fedilora.federation import ClientUpdate, Federation, RoundResult, Steps, check_methods, run
 from fedilora.lora import State
+from fedilora.paths import DataPaths
+from fedilora.stages import check_prepared
 from tasks import aggregate_updates, evaluate_global, train_client
 from tasks.runtime import federation
 
@@ -121,5 +123,6 @@ def federated_training(params_path: str = "params.yaml", overrides: dict | None 
     """One federated run with the configured method; returns its final metrics."""
     params = load_params(params_path, overrides)
     check_methods(params)
+    check_prepared(DataPaths.of(params))
     variant = params.aggregation.method + ("+edit" if params.editing.enabled else "")
     return run_rounds(params, Path(out_dir), variant)

@@ -20,7 +20,7 @@ from fedilora import study as st
 from fedilora import study_report, tracking
 from fedilora.atomic import atomic_path, write_json
 from fedilora.paths import DataPaths
-from fedilora.stages import official_test_rows
+from fedilora.stages import check_prepared, official_test_rows
 from flows.runners import unit_runner, unit_threads
 from tasks.runtime import feature_table, shared_model
 
@@ -35,7 +35,7 @@ def study_unit(study: st.StudyConfig, setting: str, seed: int, threads: int | No
         torch.set_num_threads(threads)
     params = st.setting_params(study, setting, seed)
     table = feature_table(params)
-    test_rows = official_test_rows(DataPaths.of(params))
+    test_rows, _ = official_test_rows(DataPaths.of(params))
     return st.run_unit(study, setting, seed, table, lambda p: shared_model(p, table), test_rows)
 
 
@@ -43,6 +43,7 @@ def study_unit(study: st.StudyConfig, setting: str, seed: int, threads: int | No
 def quality_study(study_path: str = "study/study.yaml") -> dict:
     """All (setting, seed) units not yet on disk, then the verdicts, tables and plots from all of them."""
     study = st.load_study(study_path)
+    check_prepared(DataPaths.of(st.setting_params(study, st.REFERENCE, study.seeds[0])), splits=False)
     runs_dir = study.out_dir / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     units = [(s, seed) for s in st.setting_names(study) for seed in st.seeds_for(study, s)]

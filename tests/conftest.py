@@ -69,6 +69,21 @@ def _write_emoji_sources(root: Path) -> dict[str, Path]:
     return {"emoji_json": root / "emoji.json", "images_dir": images_dir, "emojibase_json": root / "data.json"}
 
 
+@pytest.fixture(scope="session")
+def prepared_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project whose data root (``data/``) holds a good prepared set of the tiny dataset and
+    model, made once per session in-process. Tests that feed `prepare` broken data on top of it
+    must leave it byte-identical (and check that they do)."""
+    from prepared_sets import cli
+    from tiny_project import write_project
+
+    root = tmp_path_factory.mktemp("prepared")
+    params = write_project(root, data={"source": str(root / "dataset"), "root": str(root / "data")})
+    code, stderr = cli("prepare", "--params", str(params))
+    assert code == 0, stderr
+    return root
+
+
 @pytest.fixture
 def emoji_sources(tmp_path: Path) -> dict[str, Path]:
     """Paths (emoji_json, images_dir, emojibase_json) of a 31-emoji fixture for build_from_sources."""

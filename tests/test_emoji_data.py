@@ -1,4 +1,4 @@
-"""The emoji dataset: the pure build from source files, npm fetching safety, and loading checks."""
+"""The emoji dataset: the pure build from source files, npm fetching safety, and the saved copy."""
 
 from __future__ import annotations
 
@@ -6,22 +6,18 @@ import io
 import json
 import random
 import tarfile
-import time
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 
-from fedilora.data import emoji
+from fedilora.data import DatasetError, emoji, load_source_dataset
 from fedilora.data.emoji import (
     CATEGORIES,
-    DatasetError,
     build_emoji_dataset,
     build_from_sources,
-    dataset_statistics,
     fetch_npm_package,
-    load_dataset_dir,
     sample_text,
     sha512_integrity,
 )
@@ -29,6 +25,15 @@ from fedilora.data.emoji import (
 
 def _build(src: dict[str, Path]) -> datasets.Dataset:
     return build_from_sources(src["emoji_json"], src["images_dir"], src["emojibase_json"])
+
+
+def _build_record(ds: datasets.Dataset) -> dict:
+    """What the build dropped and why, and its sources: kept in the dataset's description."""
+    return json.loads(ds.info.description)
+
+
+def _class_counts(ds: datasets.Dataset) -> dict[str, int]:
+    return {name: ds["label"].count(i) for i, name in enumerate(ds.features["label"].names)}
 
 
 # --------------------------------------------------------------------------- build_from_sources
@@ -49,7 +54,7 @@ def test_incomplete_entries_dropped_and_counted(emoji_sources):
     ds = _build(emoji_sources)
     assert len(ds) == 27
     assert not {"1F3FB", "1F9FF", "1F9FE", "1F9FD"} & set(ds["id"])
-    build = dataset_statistics(ds)["build"]
+    build = _build_record(ds)["build"]
     assert build == {"dropped_component": 1, "dropped_no_google_image": 1, "dropped_missing_png": 1, "dropped_no_text": 1}
 
 
@@ -78,7 +83,7 @@ def test_keywords_joined_and_empty_when_absent(emoji_sources):
 
 def test_labels_follow_categories(emoji_sources):
     ds = _build(emoji_sources)
-    counts = dataset_statistics(ds)["class_counts"]
+    counts = _class_counts(ds)
     assert counts["Smileys & Emotion"] == 7 and counts["Flags"] == 5 and counts["Objects"] == 0
     assert sum(counts.values()) == len(ds)
 
@@ -129,60 +134,16 @@ def test_sample_text_rejects_unknown_field():
         sample_text("a", "b", "label")
 
 
-# --------------------------------------------------------------------------- load_dataset_dir
+# --------------------------------------------------------------------------- the saved copy
 
 
-def test_load_roundtrip(emoji_sources, tmp_path):
+def test_saved_copy_loads_as_the_hf_layout_with_its_build_record(emoji_sources, tmp_path):
     ds = _build(emoji_sources)
     ds.save_to_disk(str(tmp_path / "ds"))
-    loaded = load_dataset_dir(tmp_path / "ds")
+    loaded = load_source_dataset(str(tmp_path / "ds"))
     assert loaded["id"] == ds["id"]
-    assert dataset_statistics(loaded) == dataset_statistics(ds)  # build record survives the disk
-
-
-def test_load_missing_dir_names_path(tmp_path):
-    with pytest.raises(DatasetError, match=r"nowhere.*save_to_disk"):
-        load_dataset_dir(tmp_path / "nowhere")
-
-
-def test_load_corrupt_dir_names_path(tmp_path):
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "dataset_info.json").write_text("{not json")
-    with pytest.raises(DatasetError, match="broken"):
-        load_dataset_dir(tmp_path / "broken")
-
-
-def _save(tmp_path: Path, columns: dict, features: datasets.Features) -> Path:
-    path = tmp_path / "custom"
-    datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(path))
-    return path
-
-
-def test_load_requires_columns(tmp_path):
-    path = _save(tmp_path, {"label": [0]}, datasets.Features({"label": datasets.ClassLabel(names=["a"])}))
-    with pytest.raises(DatasetError, match=r"image.*name/keywords or text"):
-        load_dataset_dir(path)
-
-
-def test_load_rejects_labels_that_are_not_classes(tmp_path):
-    plain = datasets.Features({"image": datasets.Value("string"), "text": datasets.Value("string"),
-                               "label": datasets.Value("int64")})
-    with pytest.raises(DatasetError, match="ClassLabel"):
-        load_dataset_dir(_save(tmp_path / "plain", {"image": ["x"], "text": ["t"], "label": [0]}, plain))
-    classes = datasets.Features({"image": datasets.Value("string"), "text": datasets.Value("string"),
-                                 "label": datasets.ClassLabel(names=["a", "b"])})
-    # datasets accepts -1 ("no label") in a ClassLabel column; training cannot.
-    path = _save(tmp_path / "unlabelled", {"image": ["x", "y"], "text": ["t", "u"], "label": [1, -1]}, classes)
-    with pytest.raises(DatasetError, match=r"unlabelled.*outside 0\.\.1"):
-        load_dataset_dir(path)
-
-
-def test_load_rejects_all_empty_texts(tmp_path):
-    features = datasets.Features({"image": datasets.Value("string"), "name": datasets.Value("string"),
-                                  "keywords": datasets.Value("string"), "label": datasets.ClassLabel(names=["a"])})
-    path = _save(tmp_path, {"image": ["x", "y"], "name": ["", " "], "keywords": ["", ""], "label": [0, 0]}, features)
-    with pytest.raises(DatasetError, match="empty"):
-        load_dataset_dir(path)
+    assert _build_record(loaded) == _build_record(ds)  # the build record survives the disk
+    assert _build_record(ds)["sources"][0]["package"] == "emoji-datasource-google"
 
 
 # --------------------------------------------------------------------------- fetch_npm_package
@@ -258,19 +219,15 @@ def test_missing_npm_is_a_clear_error(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_real_emoji_dataset_from_npm(tmp_path):
-    start = time.perf_counter()
-    ds = build_emoji_dataset(tmp_path / "cache", tmp_path / "data" / "emoji")
-    elapsed = time.perf_counter() - start
-    assert elapsed < 120
+    ds = build_emoji_dataset(tmp_path / "cache")
     assert 1700 <= len(ds) <= 2000
-    stats = dataset_statistics(ds)
-    assert stats["num_classes"] == 9 and all(n > 0 for n in stats["class_counts"].values())
-    assert stats["build"].get("dropped_component", 0) > 0
+    assert ds.features["label"].num_classes == 9 and all(n > 0 for n in _class_counts(ds).values())
+    assert _build_record(ds)["build"].get("dropped_component", 0) > 0
     for i in (0, len(ds) // 2, len(ds) - 1):
         image = ds[i]["image"]
         assert image.mode == "RGB" and image.size == (64, 64)
     texts = [sample_text(n, k, "keywords") for n, k in zip(ds["name"], ds["keywords"])]
     assert all(texts)
     assert sum(bool(k) for k in ds["keywords"]) > 0.9 * len(ds)
-    assert load_dataset_dir(tmp_path / "data" / "emoji")["id"] == ds["id"]
-    assert not [p for p in (tmp_path / "data").iterdir() if p.name != "emoji"]  # no temp dirs left
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [  # tarballs and their extraction, no temp dirs
+        "emoji-datasource-google-16.0.0", "emoji-datasource-google-16.0.0.tgz", "emojibase-data-17.0.0", "emojibase-data-17.0.0.tgz"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 import yaml
@@ -18,7 +19,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 from fedilora import metrics
 from fedilora.config import Params, load_params
 from fedilora.data import DatasetError, make_splits
-from fedilora.data import sources
+from fedilora.data.records import is_multilabel
 from fedilora.data.sources import detect_format, load_source_dataset
 from fedilora.data.splits import representative_labels
 from fedilora.federation import ClientUpdate, RoundResult
@@ -144,7 +145,7 @@ def test_parquet_list_labels_are_multilabel(tmp_path: Path) -> None:
     _image(tmp_path / "a.png", COLOURS["red"])
     pd.DataFrame({"image": ["a.png", "a.png"], "text": ["x", "y"], "label": [["b", "a"], ["c"]]}).to_parquet(tmp_path / "t.parquet")
     ds = load_source_dataset(str(tmp_path))
-    assert sources.is_multilabel(ds.features["label"])
+    assert is_multilabel(ds.features["label"])
     assert ds["label"] == [[1, 0], [2]]
 
 
@@ -223,7 +224,7 @@ GOOD = '{"file_name": "a.png", "text": "x", "label": "red"}'
         (('{"file_name": "b.png", "label": "red"}',), r"metadata.jsonl:1: image file 'b.png' not found"),
         (('{"file_name": "a.png", "text": "x"}',), r"metadata.jsonl:1: missing field\(s\) \['label'\]"),
         (('{"file_name": "a.png", "text": 3, "label": "red"}',), r"metadata.jsonl:1: field 'text' must be a string"),
-        (("",), r"the dataset is empty"),
+        (("",), r"metadata.jsonl: no records \(the file is empty\)"),
     ],
 )
 def test_bad_metadata_is_named(tmp_path: Path, lines: tuple[str, ...], expected: str) -> None:
@@ -243,7 +244,8 @@ def test_missing_metadata_and_unknown_layout(tmp_path: Path) -> None:
 
 
 def test_unknown_label_in_a_multilabel_list(tmp_path: Path) -> None:
-    root = _jsonl(tmp_path / "d", '{"file_name": "a.png", "label": ["red", "green"]}', '{"file_name": "a.png", "label": ["red", "pink"]}')
+    root = _jsonl(tmp_path / "d", '{"file_name": "a.png", "label": ["red", "green"]}', '{"file_name": "b.png", "label": ["red", "pink"]}')
+    _image(root / "b.png", COLOURS["blue"])
     (root / "classes.txt").write_text("red\ngreen\n")
     with pytest.raises(DatasetError, match=r"metadata.jsonl:2: unknown label\(s\) \['pink'\]"):
         load_source_dataset(str(root))
@@ -277,17 +279,81 @@ def test_benchmark_errors(tmp_path: Path) -> None:
         load_source_dataset(str(hm))
 
 
-def test_failed_prepare_keeps_the_previous_dataset(tmp_path: Path) -> None:
-    from fedilora.stages import DataPaths, load_source
+def _save(path: Path, columns: dict, features: dict) -> Path:
+    datasets.Dataset.from_dict(columns, features=datasets.Features(features)).save_to_disk(str(path))
+    return path
 
-    good = write_imagefolder(tmp_path / "good")
-    params = Params.model_validate(tiny_params(data={"source": str(good), "root": str(tmp_path / "data")}))
-    load_source(params, DataPaths.of(params))
-    bad = _jsonl(tmp_path / "bad", GOOD, "{broken")
-    params = Params.model_validate(tiny_params(data={"source": str(bad), "root": str(tmp_path / "data")}))
-    with pytest.raises(DatasetError, match=r"metadata.jsonl:2"):
-        load_source(params, DataPaths.of(params))
-    assert len(datasets.load_from_disk(str(tmp_path / "data" / "dataset"))) == 6
+
+def _rewrite_arrow(path: Path, change) -> None:
+    """Edit a saved dataset's rows below `datasets` (what a crafted or damaged copy looks like)."""
+    arrow = next(path.glob("*.arrow"))
+    with pa.memory_map(str(arrow)) as source:
+        table = pa.ipc.open_stream(source).read_all()
+    rows = table.to_pylist()
+    change(rows)
+    with pa.OSFile(str(arrow), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(pa.Table.from_pylist(rows, schema=table.schema))
+
+
+def test_hf_layout_errors(tmp_path: Path) -> None:
+    _image(tmp_path / "a.png", COLOURS["red"])
+    png = {"bytes": (tmp_path / "a.png").read_bytes(), "path": None}
+    image, text, classes = datasets.Image(), datasets.Value("string"), datasets.ClassLabel(names=["a", "b"])
+    with pytest.raises(DatasetError, match=r"a.png: is a file; data.format=hf expects a directory"):
+        load_source_dataset(str(tmp_path / "a.png"), "hf")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "dataset_info.json").write_text('{\n  "features": {not json')
+    with pytest.raises(DatasetError, match=r"broken/dataset_info.json:2: not valid JSON"):
+        load_source_dataset(str(tmp_path / "broken"))
+    path = _save(tmp_path / "no_text", {"image": [png], "label": [0]}, {"image": image, "label": classes})
+    with pytest.raises(DatasetError, match=r"no_text: missing column\(s\) \['text \(or name/keywords\)'\]"):
+        load_source_dataset(str(path))
+    path = _save(tmp_path / "plain", {"image": [png], "text": ["t"], "label": [0]}, {"image": image, "text": text, "label": datasets.Value("int64")})
+    with pytest.raises(DatasetError, match=r"plain: column 'label' must be a datasets.ClassLabel"):
+        load_source_dataset(str(path))
+    # datasets accepts -1 ("no label") in a ClassLabel column; training cannot.
+    path = _save(tmp_path / "unlabelled", {"image": [png, png], "text": ["t", "u"], "label": [1, -1]}, {"image": image, "text": text, "label": classes})
+    with pytest.raises(DatasetError, match=r"unlabelled: row 1: label -1 is outside 0\.\.1"):
+        load_source_dataset(str(path))
+    path = _save(tmp_path / "mute", {"image": [png, png], "text": ["", " "], "label": [0, 1]}, {"image": image, "text": text, "label": classes})
+    with pytest.raises(DatasetError, match=r"mute: every text \(text\) is empty"):
+        load_source_dataset(str(path))
+    # a crafted copy whose second image is only a path outside the dataset: that file is never read
+    path = _save(tmp_path / "path_only", {"image": [png, png], "text": ["t", "u"], "label": [0, 1]}, {"image": image, "text": text, "label": classes})
+    _rewrite_arrow(path, lambda rows: rows[1].update(image={"bytes": None, "path": "/etc/hostname"}))
+    with pytest.raises(DatasetError, match=r"path_only: row 1: the image is not stored in the dataset \(only the path '/etc/hostname'\)"):
+        load_source_dataset(str(path))
+    path = _save(tmp_path / "torn", {"image": [png] * 50, "text": ["t"] * 50, "label": [0, 1] * 25}, {"image": image, "text": text, "label": classes})
+    arrow = next(path.glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    with pytest.raises(DatasetError, match=r"torn/data-00000-of-00001.arrow: cannot be read as Arrow data"):
+        load_source_dataset(str(path))
+
+
+def test_bad_encoding_and_csv_are_named_by_line(tmp_path: Path) -> None:
+    root = _jsonl(tmp_path / "d", GOOD, '{"file_name": "b.png", "text": "caf\u00e9", "label": "blue"}')
+    _image(root / "b.png", COLOURS["blue"])
+    data = (root / "metadata.jsonl").read_bytes().replace("café".encode(), b"caf\xff")
+    (root / "metadata.jsonl").write_bytes(data)
+    with pytest.raises(DatasetError, match=r"metadata.jsonl:2: not valid UTF-8 \(byte 0xff at column 36\)"):
+        load_source_dataset(str(root))
+    table = write_table(tmp_path / "t")
+    lines = (table / "data.csv").read_text().splitlines()
+    (table / "data.csv").write_text("\n".join(lines[:3] + ['pics/2.jpg,"a ""quoted""\nline",red,train,extra'] + lines[3:]) + "\n")
+    with pytest.raises(DatasetError, match=r"data.csv:4: expected 4 fields \(image,text,label,split\), got 5"):
+        load_source_dataset(str(table))
+    (table / "data.csv").write_text("image,text,label,label\npics/0.jpg,x,red,red\n")
+    with pytest.raises(DatasetError, match=r"data.csv:1: column\(s\) \['label'\] appear more than once"):
+        load_source_dataset(str(table))
+    (table / "data.csv").write_text("")
+    with pytest.raises(DatasetError, match=r"data.csv: the file is empty"):
+        load_source_dataset(str(table))
+
+
+def test_duplicated_file_name_in_metadata(tmp_path: Path) -> None:
+    root = _jsonl(tmp_path / "d", GOOD, '{"file_name": "./a.png", "text": "y", "label": "blue"}')
+    with pytest.raises(DatasetError, match=r"metadata.jsonl:2: file_name './a.png' is already listed at .*metadata.jsonl:1"):
+        load_source_dataset(str(root))
 
 
 # --------------------------------------------------------------------------- tasks and metrics

