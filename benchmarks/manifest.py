@@ -1,4 +1,4 @@
-"""What checking a data root costs: `fedilora.stages.check_prepared` hashes every file of the
+"""What checking a data root costs: `fedilora.prepared.check_prepared` hashes every file of the
 prepared set (and of the splits) on each `split` and `federate`. Run on a prepared root (default
 `data`, after `fedilora prepare && fedilora split`); writes benchmarks/results/manifest.json.
 
@@ -13,7 +13,8 @@ import platform
 import time
 from pathlib import Path
 
-from fedilora import stages
+from fedilora import prepared
+from fedilora.paths import DataPaths
 from fedilora.atomic import read_manifest
 
 
@@ -30,15 +31,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "manifest.json")
     args = parser.parse_args()
-    paths = stages.DataPaths(args.root, "emoji")
-    hashed = sum(_bytes(read_manifest(args.root, name)) for name in (stages.PREPARE, stages.SPLIT))
+    paths = DataPaths(args.root, "emoji")
+    hashed = sum(_bytes(read_manifest(args.root, name)) for name in (prepared.PREPARE, prepared.SPLIT))
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        stages.check_prepared(paths)
+        prepared.check_prepared(paths)
         times.append(time.perf_counter() - start)
     result = {
-        "what": "stages.check_prepared (prepare + split sets): SHA-256 of every file, manifests compared",
+        "what": "prepared.check_prepared (prepare + split sets): SHA-256 of every file, manifests compared",
         "root": str(args.root),
         "bytes_hashed": hashed,
         "seconds": {"min": min(times), "median": sorted(times)[len(times) // 2], "max": max(times)},

@@ -11,7 +11,6 @@ call :func:`check_prepared` to refuse a data root whose parts do not belong toge
 from __future__ import annotations
 
 import io
-from typing import Any
 
 import datasets
 import numpy as np
@@ -20,7 +19,7 @@ import PIL.Image
 import torch
 
 from fedilora import metrics as task_metrics
-from fedilora.atomic import SetLocked, changed_parts, manifest_path, read_manifest, staged_set, write_json
+from fedilora.atomic import staged_set, write_json
 from fedilora.config import Params
 from fedilora.data import (
     DatasetError,
@@ -36,8 +35,8 @@ from fedilora.data.splits import check_official_test
 from fedilora.inputs import FeatureTable
 from fedilora.models.families import family_of
 from fedilora.paths import DataPaths
+from fedilora.prepared import PREPARE, SPLIT, check_prepared
 
-PREPARE, SPLIT = "prepare", "split"  # the two sets of paths, by the command that writes them
 
 
 def load_source(params: Params, paths: DataPaths) -> datasets.Dataset:
@@ -118,43 +117,6 @@ def prepare(params: Params) -> FeatureTable:
         stats = {"num_samples": len(table), "num_classes": len(names), "classes": dict(zip(names, counts))}
         write_json(staging / paths.dataset_stats.name, stats)
     return table
-
-
-def _checked_manifest(paths: DataPaths, name: str) -> dict[str, Any]:
-    command = f"fedilora {name}"
-    try:
-        manifest = read_manifest(paths.root, name)
-    except SetLocked as err:
-        raise DatasetError(str(err)) from None
-    if manifest is None:
-        raise DatasetError(
-            f"{manifest_path(paths.root, name)}: not found or unreadable, so {paths.root} holds no complete "
-            f"`{command}` output; run `{command}`"
-        )
-    changed = changed_parts(paths.root, manifest)
-    if changed:
-        raise DatasetError(
-            f"{', '.join(str(paths.root / part) for part in changed)}: changed since `{command}` wrote them "
-            f"(they no longer match {manifest_path(paths.root, name)}), so the parts of {paths.root} do not "
-            f"belong together; rerun `{command}`"
-        )
-    return manifest
-
-
-def check_prepared(paths: DataPaths, splits: bool = True) -> dict[str, Any]:
-    """Refuse a data root whose parts do not belong together: the prepared dataset, feature cache
-    and statistics must be the set `prepare` committed, and (``splits``) the splits and their
-    statistics the set `split` made from it. Finishes a commit a crash interrupted; returns the
-    prepare manifest. Hashes every file of both sets (docs/data.md: its cost)."""
-    prepared = _checked_manifest(paths, PREPARE)
-    if splits:
-        made = _checked_manifest(paths, SPLIT)
-        if (made.get("meta") or {}).get(PREPARE) != prepared.get("id"):
-            raise DatasetError(
-                f"{paths.splits}: made from another prepared set than the one now in {paths.root} "
-                f"(`fedilora prepare` ran since); rerun `fedilora split`"
-            )
-    return prepared
 
 
 def official_test_rows(paths: DataPaths) -> tuple[np.ndarray | None, list[str]]:

@@ -26,7 +26,7 @@ from fedilora.atomic import atomic_dir
 from fedilora.config import Params, load_params
 from fedilora.federation import check_methods, run
 from fedilora.paths import DataPaths
-from fedilora.stages import check_prepared
+from fedilora.prepared import check_prepared
 from flows.runners import unit_threads
 from tasks.runtime import federation
 

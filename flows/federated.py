@@ -18,7 +18,7 @@ from fedilora.config import Params, load_params
 from fedilora.federation import ClientUpdate, Federation, RoundResult, Steps, check_methods, run
 from fedilora.lora import State
 from fedilora.paths import DataPaths
-from fedilora.stages import check_prepared
+from fedilora.prepared import check_prepared
 from tasks import aggregate_updates, evaluate_global, train_client
 from tasks.runtime import federation
 

@@ -20,7 +20,8 @@ from fedilora import study as st
 from fedilora import study_report, tracking
 from fedilora.atomic import atomic_path, write_json
 from fedilora.paths import DataPaths
-from fedilora.stages import check_prepared, official_test_rows
+from fedilora.prepared import check_prepared
+from fedilora.stages import official_test_rows
 from flows.runners import unit_runner, unit_threads
 from tasks.runtime import feature_table, shared_model
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedilora import atomic, stages
+from fedilora import atomic, prepared, stages
 from fedilora.config import Params, load_params
 from fedilora.data import DatasetError, make_splits
 from prepared_sets import cli, error_line, snapshot
@@ -139,7 +139,7 @@ def test_a_truncated_image_among_120_keeps_the_previous_set(prepared_project: Pa
     line = error_line(*_prepare(prepared_project, source, "imagefolder"))
     assert f"the image of row 5 ({image.resolve()}) does not decode" in line
     assert snapshot(prepared_project / "data") == before  # dataset, features and statistics: all the old ones
-    stages.check_prepared(paths_of(prepared_project), splits=False)
+    prepared.check_prepared(paths_of(prepared_project), splits=False)
 
 
 def test_a_non_utf8_byte_names_the_file_and_line(prepared_project: Path, tmp_path: Path) -> None:
@@ -195,15 +195,15 @@ def test_split_refuses_parts_changed_since_prepare(project: Path, tamper, part: 
 
 def test_splits_of_an_older_prepared_set_are_refused(project: Path, tmp_path: Path) -> None:
     paths = paths_of(project)
-    stages.check_prepared(paths)
+    prepared.check_prepared(paths)
     assert _prepare(project, write_imagefolder(tmp_path / "other", 30))[0] == 0
     with pytest.raises(DatasetError, match=r"splits.parquet: made from another prepared set.*rerun `fedilora split`"):
-        stages.check_prepared(paths)
+        prepared.check_prepared(paths)
     assert cli("split", "--params", str(project / "params.yaml"))[0] == 0
-    stages.check_prepared(paths)
+    prepared.check_prepared(paths)
     (project / "data" / "split.manifest.json").unlink()
     with pytest.raises(DatasetError, match=r"split.manifest.json: not found.*run `fedilora split`"):
-        stages.check_prepared(paths)
+        prepared.check_prepared(paths)
 
 
 def test_a_split_that_fails_keeps_the_previous_splits(project: Path) -> None:
@@ -258,7 +258,7 @@ def test_kill_9_during_feature_extraction_keeps_the_previous_set(tmp_path: Path)
     assert cli("prepare", "--params", str(project / "params.yaml"))[0] == 0
     before = snapshot(data)
     source = write_imagefolder(tmp_path / "new", 300, size=32)
-    staging = atomic.staging_dir(data, stages.PREPARE)
+    staging = atomic.staging_dir(data, prepared.PREPARE)
     log = tmp_path / "stderr.log"
     with open(log, "w") as err:
         proc = subprocess.Popen(
@@ -277,6 +277,6 @@ def test_kill_9_during_feature_extraction_keeps_the_previous_set(tmp_path: Path)
     assert left == before  # the previous set, byte for byte; only the uncommitted staging folder is new
     assert _prepare(project, source)[0] == 0  # the next prepare (in-process: the same code as the CLI's)
     assert not staging.exists()
-    manifest = stages.check_prepared(paths_of(project), splits=False)
+    manifest = prepared.check_prepared(paths_of(project), splits=False)
     assert json.loads((data / "dataset_stats.json").read_text())["num_samples"] == 300
     assert manifest["parts"]["features.safetensors"]["sha256"] == atomic.sha256(data / "features.safetensors")
