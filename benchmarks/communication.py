@@ -76,7 +76,7 @@ def check_model(name: str, ranks: list[int], image_dim: int, num_classes: int, p
     the global slot (r_max) and for each client rank's share."""
     from fedilora.models import adapters
     from fedilora.models.encoders import load_text_model
-    from fedilora.models.multimodal import MultimodalClassifier
+    from fedilora.models.multimodal import TRAINED_MODULES, MultimodalClassifier
 
     text = load_text_model(name, params.seed)
     cfg = text.config
@@ -84,7 +84,7 @@ def check_model(name: str, ranks: list[int], image_dim: int, num_classes: int, p
     base = MultimodalClassifier(text, image_dim, num_classes, params.model.num_image_tokens)
     r_max = max(ranks)
     alpha = params.lora.alpha_for(r_max)
-    model = adapters.wrap_with_lora(base, r_max, alpha, params.model.target_modules, params.lora.dropout)
+    model = adapters.wrap_with_lora(base, r_max, alpha, params.model.target_modules, params.lora.dropout, TRAINED_MODULES)
     state = adapters.get_state(model, adapters.slot_name(r_max, alpha))
     trained = sum(trained_floats(cfg.hidden_size, image_dim, params.model.num_image_tokens, num_classes).values())
     rows = []

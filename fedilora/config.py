@@ -33,6 +33,11 @@ class DataConfig(_Section):
     image_size: PositiveInt = 224
     max_text_length: PositiveInt = 24
     test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    # a public slice of the data that no client holds and no test split draws from: the alignment
+    # stage's data (0: none). Drawn once, with its own seed, so every run seed shares it (and the
+    # aligned modules), as every run shares the foundation model.
+    public_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    public_seed: int = 0
 
     @field_validator("root")
     @classmethod
@@ -82,6 +87,9 @@ class ModelConfig(_Section):
 
     name: Literal["embedded", "tiny"] = "embedded"
     name_or_path: str | None = None
+    # what the federation trains: LoRA only; LoRA and the classification head; or LoRA and every
+    # trained module of the family (the embedded model's image projector and head)
+    trainable: Literal["lora", "lora+head", "all"] = "all"
     num_image_tokens: PositiveInt = 2
     target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
 
@@ -109,12 +117,27 @@ class LoraConfig(_Section):
         return self.scale * rank if self.alpha_mode == "per_rank" else self.alpha
 
 
+class AlignConfig(_Section):
+    """The alignment stage (LLaVA's stage 1): before the federation, the family's trained modules
+    (the embedded model's image projector and head) train centrally on the public slice
+    (``data.public_fraction``) with the encoder frozen and no LoRA; the federation starts from
+    them (and with ``model.trainable: lora`` keeps them frozen)."""
+
+    enabled: bool = False
+    epochs: PositiveInt = 20
+    lr: Annotated[float, Field(gt=0.0)] = 1e-3
+    batch_size: PositiveInt = 32
+
+
 class FederationConfig(_Section):
     """Rounds, client sampling and the local optimiser (AdamW)."""
 
     rounds: PositiveInt = 8
     sample_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.4
     local_epochs: PositiveInt = 1
+    # optimiser steps per client per round, whatever the client's size (batches cycle through
+    # its data); null: local_epochs passes over it
+    local_steps: PositiveInt | None = None
     batch_size: PositiveInt = 32
     lr: Annotated[float, Field(gt=0.0)] = 2e-3
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
@@ -253,6 +276,7 @@ class Params(_Section):
     missing: MissingConfig = MissingConfig()
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
+    align: AlignConfig = AlignConfig()
     federation: FederationConfig = FederationConfig()
     aggregation: AggregationConfig = AggregationConfig()
     editing: EditingConfig = EditingConfig()
@@ -272,6 +296,8 @@ class Params(_Section):
                     f"missing.{name} has {len(value)} entries; expected a single value or "
                     f"clients.num_clients={n}"
                 )
+        if self.align.enabled and self.data.public_fraction == 0:
+            raise ValueError("align.enabled needs a public slice to train on: set data.public_fraction > 0")
         if self.runtime.quantization != "none" and not self.model.name_or_path:
             raise ValueError(
                 f"runtime.quantization={self.runtime.quantization} applies to a Hugging Face model "

@@ -16,12 +16,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from fedilora import aggregation, diagnostics, lora, methods, variants
+from fedilora import aggregation, alignment, diagnostics, lora, methods, variants
 from fedilora import metrics as task_metrics
 from fedilora.config import Params
 from fedilora.editing import EditRecord, edit_adapter
@@ -31,7 +32,7 @@ from fedilora.models import adapters
 from fedilora.models.families import family_of
 from fedilora.models.shared import ModelSpec, SharedModel, build
 from fedilora.seeds import derive_seed
-from fedilora.training import Subset, evaluate, train_local
+from fedilora.training import Subset, evaluate, subset, train_local
 
 PATTERNS = ("image", "text")  # global evaluation also runs with each modality absent
 
@@ -49,14 +50,6 @@ class ClientUpdate:
 
 def subsets_from_splits(splits: pd.DataFrame) -> tuple[dict[int, Subset], dict[int, Subset], Subset]:
     """(train per client, test per client, global test) from the split table."""
-
-    def subset(df: pd.DataFrame) -> Subset:
-        return Subset(
-            torch.tensor(df["row"].to_numpy(), dtype=torch.long),
-            torch.tensor(df["has_image"].to_numpy(), dtype=torch.bool),
-            torch.tensor(df["has_text"].to_numpy(), dtype=torch.bool),
-        )
-
     clients = sorted(c for c in splits["client"].unique() if c >= 0)
     train = {int(c): subset(splits[(splits.client == c) & (splits.split == "train")]) for c in clients}
     test = {int(c): subset(splits[(splits.client == c) & (splits.split == "test")]) for c in clients}
@@ -86,8 +79,15 @@ def check_methods(params: Params) -> None:
             raise ValueError(f"{where}.method: {err}") from None
 
 
-def model_spec(params: Params, table: FeatureTable) -> ModelSpec:
-    return ModelSpec.of(params, table.image_features.shape[1], task_metrics.num_classes(table.labels))
+def model_spec(params: Params, table: FeatureTable, aligned: Path | None = None) -> ModelSpec:
+    """The base model a run of ``params`` builds on ``table``; ``aligned``: the alignment
+    stage's trained modules to load into it (``aligned_path``)."""
+    return ModelSpec.of(params, table.image_features.shape[1], task_metrics.num_classes(table.labels), aligned)
+
+
+def aligned_path(params: Params) -> Path | None:
+    """The alignment stage's file when ``align.enabled`` (checked to fit these params), else None."""
+    return alignment.checked(params) if params.align.enabled else None
 
 
 class Federation:
@@ -102,7 +102,7 @@ class Federation:
                 "rerun `fedilora split`"
             )
         self.strategy = methods.strategy(params.aggregation.method, method_setup(params), params.aggregation.options)
-        self.shared = model if model is not None else build(model_spec(params, table))
+        self.shared = model if model is not None else build(model_spec(params, table, aligned_path(params)))
         self.model = self.shared.peft
         self.make_batch = family_of(params.model).make_batch
         self._lock = self.shared.lock  # every run on this model, in any thread, takes turns
@@ -183,6 +183,7 @@ class Federation:
                 generator=torch.Generator().manual_seed(seed),
                 make_batch=self.make_batch,
                 runtime=p.runtime,
+                steps=p.federation.local_steps,
             )
             state = adapters.get_state(self.model, slot)
             edits: list[EditRecord] = []
@@ -279,7 +280,7 @@ class RoundResult:
 
 @dataclass(frozen=True)
 class Steps:
-    """How a round's steps run. The in-process reference (:func:`local_steps`) calls the
+    """How a round's steps run. The in-process reference (:func:`in_process_steps`) calls the
     Federation directly; the Prefect flow maps client tasks and wraps the others in tasks."""
 
     train: Callable[[list[int], State, int], list[ClientUpdate]]  # (clients, global state, round)
@@ -287,7 +288,7 @@ class Steps:
     evaluate: Callable[[State, tuple[str, ...]], dict[str, float]]
 
 
-def local_steps(fed: Federation) -> Steps:
+def in_process_steps(fed: Federation) -> Steps:
     def train(clients: list[int], state: State, round_idx: int) -> list[ClientUpdate]:
         base = fed.base_weights()
         return [fed.client_update(c, state, round_idx, base) for c in clients]
@@ -310,7 +311,7 @@ def run(
     stopped after ``len(results)`` rounds. ``missing_every_round=False`` evaluates the
     missing-modality patterns after the last round only (each costs as much as the full
     evaluation; per-round curves need only the latter)."""
-    steps = steps or local_steps(fed)
+    steps = steps or in_process_steps(fed)
     state, results = (resume[0], list(resume[1])) if resume else (fed.initial_global_state(), [])
     rounds = fed.params.federation.rounds
     for round_idx in range(len(results) + 1, rounds + 1):

@@ -42,3 +42,8 @@ class DataPaths:
     @property
     def dataset_stats(self) -> Path:
         return self.root / "dataset_stats.json"
+
+    @property
+    def aligned(self) -> Path:
+        """The alignment stage's output: the aligned trained modules."""
+        return self.root / "aligned.safetensors"

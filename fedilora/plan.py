@@ -36,8 +36,13 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fedilora import devices
+from fedilora import metrics as task_metrics
 from fedilora.config import Params
-from fedilora.models import adapters
+from fedilora.inputs import FeatureTable
+from fedilora.models import adapters, encoders, hf
+from fedilora.models.families import trained_modules
+from fedilora.models.multimodal import TRAINED_MODULES, MultimodalClassifier
+from fedilora.paths import DataPaths
 
 # llava-hf/llava-1.5-7b-hf's config.json (its architecture; no weights needed): CLIP ViT-L/14
 # at 336 px, a 2-layer GELU projector, Vicuna-7B (Llama, 32 layers, 4096 wide).
@@ -103,7 +108,6 @@ def model_config(params: Params):
     llava-1.5-7b's architecture is known here, so its plan needs nothing on disk."""
     from transformers import LlavaConfig
 
-    from fedilora.models import hf
 
     name = str(params.model.name_or_path)
     try:
@@ -123,7 +127,6 @@ class _Tokenizer:
 
 def describe(params: Params):
     """(family, Hugging Face config or None for the embedded family)."""
-    from fedilora.models import hf
 
     if not params.model.name_or_path:
         return "embedded", None
@@ -134,8 +137,6 @@ def describe(params: Params):
 def empty_model(params: Params, family: str, config, num_classes: int) -> nn.Module:
     """The PEFT-wrapped model on meta with a slot per distinct client rank, in
     ``runtime.dtype`` with float32 trained parts (``fedilora.devices``' policy)."""
-    from fedilora.models import encoders, hf
-    from fedilora.models.multimodal import MultimodalClassifier
 
     ranks = params.clients.client_ranks()
     r_max = max(ranks)
@@ -145,13 +146,14 @@ def empty_model(params: Params, family: str, config, num_classes: int) -> nn.Mod
 
             text = BertModel(encoders.text_config(params.model.name))
             wrapper = MultimodalClassifier(text, encoders.IMAGE_DIMS[params.model.name], num_classes, params.model.num_image_tokens)
-            lora = {"target_modules": params.model.target_modules}
+            lora = {"target_modules": params.model.target_modules, "modules_to_save": list(TRAINED_MODULES)}
         else:
             base = hf.model_class(family)._from_config(config)
             wrapper = hf.wrap(family, base, num_classes, params.seed, _Tokenizer())
             spec = hf.lora_spec(params.model, family)
             lora = {"target_modules": spec.target_modules, "modules_to_save": spec.modules_to_save,
                     "exclude_modules": spec.exclude_modules}
+        lora["modules_to_save"] = trained_modules(params.model, lora["modules_to_save"])
         model = adapters.wrap_with_lora(wrapper, r_max, params.lora.alpha_for(r_max), dropout=params.lora.dropout, **lora)
         for rank in sorted(set(ranks)):
             adapters.ensure_slot(model, rank, params.lora.alpha_for(rank), params.lora.dropout)
@@ -182,7 +184,6 @@ def base_bytes(model: nn.Module, family: str, dtype: torch.dtype) -> dict[str, i
     """The frozen base in each format. Quantized formats (Hugging Face families only) quantize
     the linear layers that transformers would (all but ``hf.quantization_skips``) and keep the
     rest in ``dtype``; trained modules' originals stay float32 in every format."""
-    from fedilora.models import hf
 
     formats = ("float32", "16bit") if family == "embedded" else ("float32", "16bit", "8bit", "4bit")
     skips = set(hf.quantization_skips(family) or ["lm_head"]) if family != "embedded" else set()
@@ -312,15 +313,9 @@ def activation_bytes(model: nn.Module, family: str, shapes: Shapes, params: Para
 def default_shapes(params: Params, family: str, config, num_classes: int | None = None) -> Shapes:
     """From the prepared feature table when there is one (its longest sequence, its class
     count), else from the configuration (``data.max_text_length``, 10 classes)."""
-    from fedilora.models import encoders, hf
-    from fedilora.stages import DataPaths
-
     features = DataPaths.of(params).features
     batch = params.federation.batch_size
     if features.is_file():
-        from fedilora import metrics as task_metrics
-        from fedilora.inputs import FeatureTable
-
         table = FeatureTable.load(features)
         text = int(table.text_mask.sum(1).max())
         if family == "llava":

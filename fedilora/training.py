@@ -9,6 +9,7 @@ device; forward passes run under ``runtime``'s autocast (``fedilora.devices``); 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,15 @@ class Subset:
         raise ValueError(f"unknown modality {modality!r}; expected 'image' or 'text'")
 
 
+def subset(df) -> Subset:
+    """The rows of a split table (``fedilora.data.splits``) as a ``Subset``."""
+    return Subset(
+        torch.tensor(df["row"].to_numpy(), dtype=torch.long),
+        torch.tensor(df["has_image"].to_numpy(), dtype=torch.bool),
+        torch.tensor(df["has_text"].to_numpy(), dtype=torch.bool),
+    )
+
+
 def _forward(model: nn.Module, batch: dict[str, torch.Tensor], runtime: RuntimeConfig) -> torch.Tensor:
     device = devices.device_of(model)
     inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
@@ -64,6 +74,22 @@ def length_bucketed_batches(lengths: torch.Tensor, batch_size: int, generator: t
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
+def _batches(lengths: torch.Tensor, batch_size: int, generator: torch.Generator | None, epochs: int,
+             steps: int | None) -> Iterator[torch.Tensor]:
+    """``epochs`` passes of length-bucketed batches, or the first ``steps`` batches of as many passes as that takes."""
+    if not steps:
+        for _ in range(epochs):
+            yield from length_bucketed_batches(lengths, batch_size, generator)
+        return
+    if len(lengths) == 0:
+        return
+    done = 0
+    while done < steps:
+        for idx in length_bucketed_batches(lengths, batch_size, generator)[: steps - done]:
+            yield idx
+            done += 1
+
+
 def train_local(
     model: nn.Module,
     table: FeatureTable,
@@ -77,8 +103,11 @@ def train_local(
     generator: torch.Generator | None = None,
     make_batch: BatchFn = feature_batch,
     runtime: RuntimeConfig = CPU,
+    steps: int | None = None,
 ) -> float:
-    """AdamW over the trainable (active adapter) parameters; returns the mean training loss."""
+    """AdamW over the trainable (active adapter) parameters; returns the mean training loss.
+    ``epochs`` passes over ``data``, or with ``steps`` exactly that many optimiser steps (new
+    shuffled passes as long as needed), so every client takes the same number whatever its size."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("no trainable parameters: is an adapter active?")
@@ -87,17 +116,16 @@ def train_local(
     model.train()
     total, count = 0.0, 0
     lengths = table.text_mask[data.rows].sum(1) * data.has_text
-    for _ in range(epochs):
-        for idx in length_bucketed_batches(lengths, batch_size, generator):
-            batch = make_batch(table, data.rows[idx], data.has_image[idx], data.has_text[idx], fill)
-            out = _forward(model, batch, runtime)  # a generative model (LLaVA) returns its LM loss on the answers
-            loss = out if out.ndim == 0 else task_metrics.loss(out.float(), batch["labels"].to(out.device))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total += loss.item() * len(idx)
-            count += len(idx)
+    for idx in _batches(lengths, batch_size, generator, epochs, steps):
+        batch = make_batch(table, data.rows[idx], data.has_image[idx], data.has_text[idx], fill)
+        out = _forward(model, batch, runtime)  # a generative model (LLaVA) returns its LM loss on the answers
+        loss = out if out.ndim == 0 else task_metrics.loss(out.float(), batch["labels"].to(out.device))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total += loss.item() * len(idx)
+        count += len(idx)
     model.eval()
     return total / max(count, 1)
 

@@ -43,6 +43,13 @@ def cmd_split(args, params) -> None:
     print(f"split {len(splits)} assignments over {params.clients.num_clients} clients -> {DataPaths.of(params).splits}")
 
 
+def cmd_align(args, params) -> None:
+    from fedilora import alignment
+
+    done = alignment.run_stage(params)
+    print(f"aligned -> {params.data.root}/aligned.safetensors" if done else "align.enabled is off: nothing aligned")
+
+
 def check_prefect_server() -> None:
     """With PREFECT_API_URL set, fail fast and clearly if no server answers there (instead of
     a long retry loop and a traceback); without it, Prefect starts its ephemeral server."""
@@ -137,6 +144,7 @@ def cmd_serve(args, params) -> None:
 COMMANDS = {
     "prepare": (cmd_prepare, "fetch and build the dataset and its image feature cache"),
     "split": (cmd_split, "clients, partition and missing-modality splits"),
+    "align": (cmd_align, "the alignment stage: trained modules on the public slice, per seed"),
     "plan": (cmd_plan, "parameters, bytes and peak memory per worker of the configured run, without loading weights"),
     "federate": (cmd_federate, "run the federated_training Prefect flow"),
     "compare": (cmd_compare, "run compare.variants as sibling MLflow runs"),

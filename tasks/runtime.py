@@ -8,12 +8,13 @@ would be built alike (the same :class:`~fedilora.models.shared.ModelSpec`) share
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pandas as pd
 
 from fedilora.config import Params
 from fedilora.data.splits import for_seed, load_splits
-from fedilora.federation import Federation, model_spec
+from fedilora.federation import Federation, aligned_path, model_spec
 from fedilora.inputs import FeatureTable
 from fedilora.models.shared import SharedModel, build
 from fedilora.paths import DataPaths
@@ -51,9 +52,10 @@ def feature_table(params: Params) -> FeatureTable:
     return _load_once(_tables, DataPaths.of(params).features, FeatureTable.load)
 
 
-def shared_model(params: Params, table: FeatureTable) -> SharedModel:
-    """The one base model of this process for these model settings (runs swap adapters on it)."""
-    spec = model_spec(params, table)
+def shared_model(params: Params, table: FeatureTable, aligned: Path | None = None) -> SharedModel:
+    """The one base model of this process for these model settings (runs swap adapters on it);
+    ``aligned``: the aligned modules to load (default: the alignment stage's for the seed)."""
+    spec = model_spec(params, table, aligned or aligned_path(params))
     with _lock:
         if spec.key() not in _models:
             _models[spec.key()] = build(spec)

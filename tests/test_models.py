@@ -12,7 +12,7 @@ from PIL import Image
 from fedilora.inputs import feature_batch as make_batch
 from fedilora.models import adapters
 from fedilora.models.encoders import encode, load_image_encoder, load_text_model, load_tokenizer
-from fedilora.models.multimodal import MultimodalClassifier
+from fedilora.models.multimodal import TRAINED_MODULES, MultimodalClassifier
 from fedilora.training import Subset, evaluate, train_local
 
 TARGETS = ["query", "value"]
@@ -32,7 +32,7 @@ def _table(n: int = 48, classes: int = 3, seed: int = 0):
 def _model(rank: int = 4, classes: int = 3) -> PeftModel:
     torch.manual_seed(0)
     base = MultimodalClassifier(load_text_model("tiny"), load_image_encoder("tiny").dim, classes)
-    return adapters.wrap_with_lora(base, rank, 2.0 * rank, TARGETS)
+    return adapters.wrap_with_lora(base, rank, 2.0 * rank, TARGETS, modules_to_save=TRAINED_MODULES)
 
 
 def _all(n: int, image: bool = True, text: bool = True) -> Subset:

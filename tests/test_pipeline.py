@@ -85,7 +85,7 @@ def test_mlflow_run_has_every_round_and_a_loadable_adapter(project: Path) -> Non
 
     from fedilora.config import load_params
     from fedilora.data import load_splits
-    from fedilora.federation import model_spec, subsets_from_splits
+    from fedilora.federation import aligned_path, model_spec, subsets_from_splits
     from fedilora.models.shared import load_adapter_model
     from fedilora.inputs import FeatureTable
     from fedilora.training import evaluate
@@ -109,7 +109,7 @@ def test_mlflow_run_has_every_round_and_a_loadable_adapter(project: Path) -> Non
     params = load_params(project / "params.yaml")
     table = FeatureTable.load(project / "data/features.safetensors")
     _, _, global_test = subsets_from_splits(load_splits(project / "data/splits.parquet"))
-    model = load_adapter_model(model_spec(params, table), local)
+    model = load_adapter_model(model_spec(params, table, aligned_path(params)), local)
     with torch.no_grad():
         acc = evaluate(model, table, global_test)["accuracy"]
     assert acc == pytest.approx(logged[2], abs=1e-6)

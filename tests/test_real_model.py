@@ -8,7 +8,7 @@ from PIL import Image
 from fedilora.inputs import feature_batch
 from fedilora.models import adapters
 from fedilora.models.encoders import encode, load_image_encoder, load_text_model, load_tokenizer
-from fedilora.models.multimodal import MultimodalClassifier
+from fedilora.models.multimodal import TRAINED_MODULES, MultimodalClassifier
 
 
 def test_embedded_model_loads_offline_and_runs_with_missing_modalities() -> None:
@@ -20,7 +20,7 @@ def test_embedded_model_loads_offline_and_runs_with_missing_modalities() -> None
     assert table.image_features.shape == (3, 1280)
     assert torch.allclose(table.image_features.mean(0), torch.zeros(1280), atol=1e-4)  # standardised
     torch.manual_seed(0)
-    model = adapters.wrap_with_lora(MultimodalClassifier(text_model, 1280, 3), 8, 16.0, ["query", "value"])
+    model = adapters.wrap_with_lora(MultimodalClassifier(text_model, 1280, 3), 8, 16.0, ["query", "value"], modules_to_save=TRAINED_MODULES)
     slot4 = adapters.ensure_slot(model, 4, 8.0)
     adapters.activate(model, slot4)
     rows = torch.arange(3)

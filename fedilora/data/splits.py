@@ -25,6 +25,7 @@ from fedilora.data.records import DatasetError
 
 COLUMNS = ("seed", "row", "client", "split", "has_image", "has_text")
 GLOBAL_TEST = -1
+PUBLIC = -2  # the public slice (data.public_fraction): no client holds it; the alignment stage trains on it
 MIN_DIRICHLET_CLIENT_SIZE = 2
 MAX_DIRICHLET_TRIES = 1000
 
@@ -221,6 +222,16 @@ def representative_labels(multi_hot: np.ndarray) -> np.ndarray:
     return np.where(multi_hot.any(1), rank.argmin(1), multi_hot.shape[1]).astype(np.int64)
 
 
+def public_rows(labels: np.ndarray, params: Params, official_test: np.ndarray | None = None) -> np.ndarray:
+    """The public slice's rows: a stratified ``data.public_fraction`` of the rows outside an
+    official test split, drawn with ``data.public_seed`` (empty without a public slice)."""
+    if params.data.public_fraction == 0:
+        return np.zeros(0, dtype=int)
+    candidates = np.arange(len(labels)) if official_test is None else np.flatnonzero(~official_test)
+    rng = np.random.default_rng(np.random.SeedSequence(params.data.public_seed).spawn(5)[4])
+    return np.sort(candidates[_stratified_holdout(labels[candidates], params.data.public_fraction, rng)])
+
+
 def make_splits(
     labels: Sequence[int] | np.ndarray,
     params: Params,
@@ -233,7 +244,10 @@ def make_splits(
     label. ``test_rows``: a dataset's official test split (True = test); when it marks any row,
     those rows are the global test set instead of a stratified held-out fraction. Refused
     (naming ``class_names``): a global test set without a sample of a class seen in training,
-    and more clients than samples."""
+    and more clients than samples. With ``data.public_fraction``, a stratified public slice
+    (client ``PUBLIC``, split ``public``) is carved out first, from the rows outside an official
+    test split, with ``data.public_seed``: the same rows whatever ``seed``; the global test set
+    and the clients' data come from the rest."""
     given = np.asarray(labels)
     labels = representative_labels(given) if given.ndim == 2 and len(given) else given
     labels = labels.astype(np.int64)
@@ -245,20 +259,23 @@ def make_splits(
     official = None if test_rows is None else np.asarray(test_rows, dtype=bool)
     if official is not None and official.shape != labels.shape:
         raise ValueError(f"test_rows has {official.shape[0]} entries for {len(labels)} labels")
-    if official is not None and official.any():
+    has_official = official is not None and official.any()
+    public = public_rows(labels, params, official if has_official else None)
+    rest = np.setdiff1d(np.arange(len(labels)), public)
+    if has_official:
         check_official_test(given, official, class_names)
         test = np.flatnonzero(official).astype(int)
     else:
-        test = _stratified_holdout(labels, params.data.test_fraction, holdout_rng)
+        test = rest[_stratified_holdout(labels[rest], params.data.test_fraction, holdout_rng)]
         _check_holdout(given, test, params.data.test_fraction, class_names)
-    pool = np.setdiff1d(np.arange(len(labels)), test)
+    pool = np.setdiff1d(rest, test)
     _check_sizes(len(labels), len(pool), params)
     k = params.clients.num_clients
     if params.clients.partition == "dirichlet":
         shares = _dirichlet(pool, labels, k, params.clients.dirichlet_alpha, part_rng)
     else:
         shares = _iid(pool, k, part_rng)
-    frames = [_complete(test, GLOBAL_TEST, "test")]
+    frames = [_complete(test, GLOBAL_TEST, "test")] + ([_complete(public, PUBLIC, "public")] if len(public) else [])
     for client, share in enumerate(shares):
         frames.extend(_client_frames(client, share, params, split_rng, miss_rng))
     out = pd.concat(frames, ignore_index=True)
@@ -305,7 +322,8 @@ def split_statistics(splits: pd.DataFrame, labels: Sequence[int], num_classes: i
     labels = np.asarray(labels)
     labels = labels.astype(np.int64) if labels.ndim == 1 else (labels > 0).astype(np.int64)
     global_test = splits[splits["client"] == GLOBAL_TEST]
-    clients = splits[splits["client"] != GLOBAL_TEST]
+    public = splits[splits["client"] == PUBLIC]
+    clients = splits[splits["client"] >= 0]
     per_client = {str(int(k)): _client_stats(g, labels, num_classes) for k, g in clients.groupby("client")}
     train = clients[clients["split"] == "train"]
     missing = _missing_counts(train)
@@ -318,6 +336,7 @@ def split_statistics(splits: pd.DataFrame, labels: Sequence[int], num_classes: i
             "n_train": len(train),
             "n_client_test": int((clients["split"] == "test").sum()),
             "n_global_test": len(global_test),
+            "n_public": len(public),
             "missing": missing,
             "missing_rate": {m: _rate(c, len(train)) for m, c in missing.items()},
         },

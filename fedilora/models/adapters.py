@@ -18,7 +18,6 @@ from torch import nn
 
 from fedilora.devices import keep_trained_float32
 
-TRAINED_MODULES = ["image_projector", "classifier"]
 State = dict[str, torch.Tensor]
 
 
@@ -34,14 +33,14 @@ def lora_config(
     modules_to_save: list[str] | None = None,
     exclude_modules: str | None = None,
 ) -> PeftLoraConfig:
-    """``modules_to_save`` defaults to the embedded model's projector and head; ``exclude_modules``
+    """``modules_to_save``: the trained non-LoRA modules (none by default); ``exclude_modules``
     is PEFT's (a regex over module names, e.g. LLaVA's vision tower)."""
     return PeftLoraConfig(
         r=rank,
         lora_alpha=alpha,
         target_modules=list(target_modules),
         lora_dropout=dropout,
-        modules_to_save=list(TRAINED_MODULES if modules_to_save is None else modules_to_save),
+        modules_to_save=list(modules_to_save or []),
         exclude_modules=exclude_modules,
     )
 

@@ -20,7 +20,7 @@ from torch import nn
 from fedilora.config import DataConfig, ModelConfig, RuntimeConfig
 from fedilora.inputs import BatchFn, FeatureTable, feature_batch
 from fedilora.models import encoders, hf
-from fedilora.models.multimodal import MultimodalClassifier
+from fedilora.models.multimodal import TRAINED_MODULES, MultimodalClassifier
 
 # build(model, num_classes, seed, image_dim, runtime) -> (unwrapped base model, wrap_with_lora keyword arguments)
 Builder = Callable[[ModelConfig, int, int, int, RuntimeConfig], tuple[nn.Module, dict]]
@@ -34,6 +34,7 @@ class Family:
     build: Builder
     encode: Encoder
     make_batch: BatchFn
+    head: str | None  # the classification head among the trained modules (model.trainable: lora+head)
 
 
 def _build_embedded(model: ModelConfig, num_classes: int, seed: int, image_dim: int,
@@ -41,7 +42,7 @@ def _build_embedded(model: ModelConfig, num_classes: int, seed: int, image_dim: 
     text_model = encoders.load_text_model(model.name, seed)
     torch.manual_seed(seed)  # the projector and head start the same in every process
     base = MultimodalClassifier(text_model, image_dim, num_classes, model.num_image_tokens)
-    return base, {"target_modules": model.target_modules}
+    return base, {"target_modules": model.target_modules, "modules_to_save": list(TRAINED_MODULES)}
 
 
 def _encode_embedded(texts, images, labels, class_names, model: ModelConfig, data: DataConfig) -> FeatureTable:
@@ -60,14 +61,24 @@ def _encode_hf(texts, images, labels, class_names, model: ModelConfig, data: Dat
     return hf.encode(texts, images, labels, class_names, model, data.max_text_length)
 
 
-EMBEDDED = Family("embedded", _build_embedded, _encode_embedded, feature_batch)
+EMBEDDED = Family("embedded", _build_embedded, _encode_embedded, feature_batch, head="classifier")
 
 
 @functools.lru_cache(maxsize=None)
 def _hf_family(name_or_path: str) -> Family:
     name = hf.family_of(hf.load_config(name_or_path))
-    return Family(name, _build_hf, _encode_hf, hf.prompt_batch if name == "llava" else feature_batch)
+    return Family(name, _build_hf, _encode_hf, hf.prompt_batch if name == "llava" else feature_batch,
+                  head=None if name == "llava" else "classifier")
 
 
 def family_of(model: ModelConfig) -> Family:
     return _hf_family(str(model.name_or_path)) if model.name_or_path else EMBEDDED
+
+
+def trained_modules(model: ModelConfig, family_modules: list[str]) -> list[str]:
+    """The family's trained modules the federation trains (``model.trainable``): all of them, the
+    head only, or none (LoRA only; the modules stay as built or aligned, frozen)."""
+    if model.trainable == "all":
+        return list(family_modules)
+    head = family_of(model).head
+    return [head] if model.trainable == "lora+head" and head in family_modules else []

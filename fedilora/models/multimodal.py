@@ -13,6 +13,9 @@ from torch import nn
 from transformers import BertModel
 
 
+TRAINED_MODULES = ["image_projector", "classifier"]  # trained besides LoRA (PEFT modules_to_save)
+
+
 class MultimodalClassifier(nn.Module):
     """Pooling is per modality (image tokens, text tokens), concatenated for the head: the
     image keeps a direct path to the decision even though the text tokens outnumber it."""

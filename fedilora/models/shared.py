@@ -8,17 +8,19 @@ initial projector and head)."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
+from safetensors.torch import load_file
 
 from fedilora import devices
 from fedilora.config import ModelConfig, Params, RuntimeConfig
 from fedilora.lora import State
 from fedilora.models import adapters
-from fedilora.models.families import family_of
+from fedilora.models.families import family_of, trained_modules
 
 
 class ModelSpec(BaseModel):
@@ -35,12 +37,15 @@ class ModelSpec(BaseModel):
     rank: int  # the first slot's: the largest client rank
     alpha: float
     dropout: float
+    aligned: Path | None = None  # the alignment stage's trained modules, loaded into the base
+    aligned_sha256: str | None = None  # their content: a re-aligned file is another model
 
     @classmethod
-    def of(cls, params: Params, image_dim: int, num_classes: int) -> "ModelSpec":
+    def of(cls, params: Params, image_dim: int, num_classes: int, aligned: Path | None = None) -> "ModelSpec":
         rank = max(params.clients.client_ranks())
+        digest = hashlib.sha256(Path(aligned).read_bytes()).hexdigest() if aligned else None
         return cls(model=params.model, runtime=params.runtime, seed=params.seed, image_dim=image_dim, num_classes=num_classes, rank=rank,
-                   alpha=params.lora.alpha_for(rank), dropout=params.lora.dropout)
+                   alpha=params.lora.alpha_for(rank), dropout=params.lora.dropout, aligned=aligned, aligned_sha256=digest)
 
     def key(self) -> str:
         return self.model_dump_json()
@@ -58,8 +63,17 @@ class SharedModel:
 
 
 def base_model(spec: ModelSpec):
-    """The unwrapped base model and where its LoRA goes (``wrap_with_lora`` keyword arguments)."""
-    return family_of(spec.model).build(spec.model, spec.num_classes, spec.seed, spec.image_dim, spec.runtime)
+    """The unwrapped base model, its trained modules aligned when the spec says so, and where its
+    LoRA goes (``wrap_with_lora`` keyword arguments; ``modules_to_save``: what ``model.trainable``
+    trains of the family's trained modules)."""
+    base, lora_kwargs = family_of(spec.model).build(spec.model, spec.num_classes, spec.seed, spec.image_dim, spec.runtime)
+    if spec.aligned is not None:
+        aligned = load_file(str(spec.aligned))
+        unexpected = base.load_state_dict(aligned, strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"{spec.aligned}: tensors {unexpected[:3]} do not fit the model; rerun `fedilora align`")
+    lora_kwargs["modules_to_save"] = trained_modules(spec.model, lora_kwargs["modules_to_save"])
+    return base, lora_kwargs
 
 
 def build(spec: ModelSpec) -> SharedModel:
