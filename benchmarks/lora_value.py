@@ -18,6 +18,8 @@ with the best validation accuracy among the ranks swept.
 Learning rates: every arm (and every alignment stage) is run at every lr of ``LR_GRID`` with
 seed 0, trained on 80 % of the union and scored on the other 20 % (a stratified validation
 split, seeded); the lr with the best validation accuracy is chosen (ties: the smaller lr).
+When the best is at an edge of the grid, the next lr beyond it (``LR_BEYOND``) is tried too,
+for any arm alike, until the best is inside.
 The test phase then trains on the whole union at that lr with seeds 0, 1, 2. The test split
 is never used to choose anything.
 
@@ -64,6 +66,7 @@ from fedilora.training import Subset, evaluate, length_bucketed_batches, train_l
 
 EPOCHS = 4
 LR_GRID = (5e-4, 1e-3, 2e-3, 5e-3)
+LR_BEYOND = {"up": (1e-2, 2e-2), "down": (2e-4, 1e-4)}  # tried, in order, while an arm's best lr is at an edge
 SEEDS = (0, 1, 2)
 RANKS = (2, 4, 8, 16, 32)
 VAL_FRACTION = 0.2
@@ -258,7 +261,8 @@ def _cache_dir() -> Path:
 
 
 def unit_path(unit: dict) -> Path:
-    return _cache_dir() / ("_".join(str(unit[k]) for k in ("phase", "candidate", "arm", "lr", "seed")) + ".json")
+    keys = ("phase", "candidate", "arm", "lr", "seed", "align_lr")
+    return _cache_dir() / ("_".join(str(unit[k]) for k in keys if k in unit) + ".json")
 
 
 def align_path(head: str, lr: float, seed: int) -> Path:
@@ -344,7 +348,10 @@ def _progress(rec: dict) -> None:
 
 
 def _records(phase: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(_cache_dir().glob(f"{phase}_*.json"))]
+    """Cached records of a phase; for aligned arms, only those from the chosen alignment lr."""
+    records = [json.loads(p.read_text()) for p in sorted(_cache_dir().glob(f"{phase}_*.json"))]
+    align = {c: best_lr(records, c, "align")[0] for c, cand in CANDIDATES.items() if cand.aligned}
+    return [r for r in records if "align_lr" not in r or r["align_lr"] == align[r["candidate"]]]
 
 
 def best_lr(records: list[dict], candidate: str, arm: str) -> tuple[float | None, dict[float, float]]:
@@ -385,6 +392,30 @@ def select_units(candidate: str, ranks: list[int]) -> list[dict]:
     return [{**base, "arm": arm, "lr": lr} for arm in arms for lr in LR_GRID]
 
 
+def edge_units(units: list[dict]) -> list[dict]:
+    """The next lr beyond the grid for every arm whose best validation lr is the largest
+    (smallest) tried: the same rule for every arm, so no arm is held back by the grid."""
+    records = _records("select")
+    out = []
+    for unit in {(u["candidate"], u["arm"]): u for u in units}.values():
+        best, scores = best_lr(records, unit["candidate"], unit["arm"])
+        if best is None:
+            continue
+        side = "up" if best == max(scores) else "down" if best == min(scores) else None
+        beyond = [lr for lr in LR_BEYOND.get(side, ()) if lr not in scores]
+        if beyond:
+            out.append({**unit, "lr": beyond[0]})
+    return out
+
+
+def select_arms(units: list[dict], jobs: int) -> None:
+    """The grid for every unit's arm, then edge extensions until every best lr is inside."""
+    run_units(units, jobs)
+    while extra := edge_units(units):
+        run_units(extra, jobs)
+        units = units + extra
+
+
 def align_units(candidate: str, phase: str, seeds) -> list[dict]:
     if phase == "select":
         return [{"phase": "select", "candidate": candidate, "arm": "align", "lr": lr, "seed": 0} for lr in LR_GRID]
@@ -423,7 +454,10 @@ def drift(candidate: str, configs: list[tuple[int, int]], rounds: int) -> dict:
     sel = selection(candidate)
     lr = sel["arms"]["r16"]["lr"]
     df = splits(cand.aligned)
-    out = {"candidate": candidate, "lr": lr, "rounds": rounds, "configs": []}
+    sizes = sorted({int(n) for n in df[(df.client >= 0) & (df.split == "train")].groupby("client").size()})
+    out = {"candidate": candidate, "lr": lr, "rounds": rounds, "client_train_sizes": sizes,
+           "steps_table": {f"n{n}_batch{b}_epochs{e}": steps_per_round(n, b, e) for n in sizes for b in (32, 16, 8) for e in (1, 2)},
+           "configs": []}
     for batch_size, epochs in configs:
         p = params().model_copy(update={"federation": params().federation.model_copy(
             update={"batch_size": batch_size, "local_epochs": epochs, "lr": lr, "rounds": rounds})})
@@ -482,7 +516,9 @@ def summarise() -> dict:
             "class_scale": CLASS_SCALE, "lora_alpha": "scale * r (scale %g)" % params().lora.scale,
             "modalities": "both present in training and test", "torch_threads": 1,
             "data": {name: {k: len(v) for k, v in datasets_for(pub).items()} for name, pub in (("default_splits", False), ("public_slice_splits", True))},
-            "selection_rule": "per arm, the lr of LR_GRID with the best validation accuracy (seed 0; ties: smaller lr); "
+            "lr_beyond": LR_BEYOND,
+            "selection_rule": "per arm, the lr of LR_GRID with the best validation accuracy (seed 0; ties: smaller lr), "
+                              "the grid extended by LR_BEYOND while the best is at an edge; "
                               "best rank: the rank with the best validation accuracy at its chosen lr",
         },
         "candidates": {},
@@ -501,7 +537,10 @@ def summarise() -> dict:
                 "std": float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0,
                 "macro_f1_mean": float(np.mean([r["macro_f1"] for r in rs])),
                 "trainable_params": rs[0]["trainable_params"],
-                "train_seconds_mean": float(np.mean([r["train_seconds"] + r["align_seconds"] for r in rs])),
+                # wall seconds of the arm's own training (for an aligned (a): the alignment); the
+                # machine is shared, so cpu_seconds (whole unit, this process) is the steadier figure
+                "train_seconds_mean": float(np.mean([r["align_seconds"] if arm == "align" else r["train_seconds"] for r in rs])),
+                "cpu_seconds_mean": float(np.mean([r["cpu_seconds"] for r in rs])),
             }
         entry = {"description": cand.description, "head": cand.head, "trains": cand.trains, "targets": list(cand.targets),
                  "aligned": cand.aligned, "selection": sel, "test": arms}
@@ -544,8 +583,8 @@ def main() -> None:
     if args.phase == "select":
         for name in args.candidates:
             if CANDIDATES[name].aligned:  # the alignment lr first: every arm starts from it
-                run_units(align_units(name, "select", [0]), args.jobs)
-        run_units([u for name in args.candidates for u in select_units(name, args.ranks)], args.jobs)
+                select_arms(align_units(name, "select", [0]), args.jobs)
+        select_arms([u for name in args.candidates for u in select_units(name, args.ranks)], args.jobs)
     elif args.phase == "test":
         aligned = [u for n in args.candidates if CANDIDATES[n].aligned for u in align_units(n, "test", SEEDS)]
         run_units(aligned, args.jobs)  # the aligned models (and arm (a)) of each seed first
