@@ -311,14 +311,15 @@ def run_unit(unit: dict) -> dict:
         torch.manual_seed(seed)  # LoRA's A init
         model = candidate_model(cand, model, rank)
     train_seconds = 0.0
-    if arm.startswith("r") or (arm == "frozen" and cand.trains == "lora+head"):
-        # frozen + lora+head: LoRA at B = 0 is the identity, so the unwrapped base with its
-        # projector/head trainable is exactly "LoRA frozen"
+    # frozen + lora+head: LoRA at B = 0 is the identity, so the unwrapped base with its
+    # projector/head trainable is exactly "LoRA frozen"
+    trains = arm.startswith("r") or (arm == "frozen" and cand.trains == "lora+head")
+    if trains:
         t0 = time.perf_counter()
         train_local(model, table(), train, epochs=EPOCHS, batch_size=params().federation.batch_size, lr=unit["lr"],
                     generator=torch.Generator().manual_seed(seed))
         train_seconds = time.perf_counter() - t0
-    record = {**unit, **evaluate(model, table(), score), "trainable_params": trainable(model) if arm != "align" else None,
+    record = {**unit, **evaluate(model, table(), score), "trainable_params": trainable(model) if trains or arm == "align" else 0,  # align: the alignment's
               "train_seconds": round(train_seconds, 1), "align_seconds": round(align_seconds, 1),
               "wall_seconds": round(time.perf_counter() - start, 1),
               "cpu_seconds": round(time.process_time() - cpu_start, 1), "n_train": len(train), "n_score": len(score)}
@@ -507,6 +508,33 @@ def drift(candidate: str, configs: list[tuple[int, int]], rounds: int) -> dict:
 # --------------------------------------------------------------------------- summary
 
 
+def arm_table(recs: list[dict]) -> dict:
+    """Per arm: its lr, per-seed accuracies, mean, std, cost."""
+    arms: dict = {}
+    for arm in sorted({r["arm"] for r in recs}):
+        rs = sorted((r for r in recs if r["arm"] == arm), key=lambda r: r["seed"])
+        acc = [r["accuracy"] for r in rs]
+        arms["frozen" if arm == "align" else arm] = {
+            "lr": rs[0]["lr"], "seeds": [r["seed"] for r in rs], "accuracy": acc, "mean": float(np.mean(acc)),
+            "std": float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0,
+            "macro_f1_mean": float(np.mean([r["macro_f1"] for r in rs])),
+            "trainable_params": rs[0]["trainable_params"],
+            # wall seconds of the arm's own training (for an aligned (a): the alignment); the
+            # machine is shared, so cpu_seconds (whole unit, this process) is the steadier figure
+            "train_seconds_mean": float(np.mean([r["align_seconds"] if arm == "align" else r["train_seconds"] for r in rs])),
+            "cpu_seconds_mean": float(np.mean([r["cpu_seconds"] for r in rs])),
+        }
+    return arms
+
+
+def margins(arms: dict) -> dict:
+    """(c) - (a) and (c) - (b) on the means, and (c) - (b) per seed (paired: same seed)."""
+    a, b, c = (arms[k] for k in ("frozen", "r2", "r16"))
+    paired = [x - y for x, y in zip(c["accuracy"], b["accuracy"]) if c["seeds"] == b["seeds"]]
+    return {"c_minus_a": c["mean"] - a["mean"], "c_minus_b": c["mean"] - b["mean"], "c_minus_b_per_seed": paired,
+            "meets_target": bool(c["mean"] - a["mean"] >= 0.05 and c["mean"] - b["mean"] >= 0.02)}
+
+
 def summarise() -> dict:
     test = _records("test")
     out: dict = {
@@ -528,28 +556,14 @@ def summarise() -> dict:
         if not recs:
             continue
         sel = selection(name)
-        arms: dict = {}
-        for arm in sorted({r["arm"] for r in recs}):
-            rs = sorted((r for r in recs if r["arm"] == arm), key=lambda r: r["seed"])
-            acc = [r["accuracy"] for r in rs]
-            arms["frozen" if arm == "align" else arm] = {
-                "lr": rs[0]["lr"], "seeds": [r["seed"] for r in rs], "accuracy": acc, "mean": float(np.mean(acc)),
-                "std": float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0,
-                "macro_f1_mean": float(np.mean([r["macro_f1"] for r in rs])),
-                "trainable_params": rs[0]["trainable_params"],
-                # wall seconds of the arm's own training (for an aligned (a): the alignment); the
-                # machine is shared, so cpu_seconds (whole unit, this process) is the steadier figure
-                "train_seconds_mean": float(np.mean([r["align_seconds"] if arm == "align" else r["train_seconds"] for r in rs])),
-                "cpu_seconds_mean": float(np.mean([r["cpu_seconds"] for r in rs])),
-            }
+        arms = arm_table([r for r in recs if r["seed"] in SEEDS])
         entry = {"description": cand.description, "head": cand.head, "trains": cand.trains, "targets": list(cand.targets),
                  "aligned": cand.aligned, "selection": sel, "test": arms}
-        a, b, c = (arms.get(k, {}).get("mean") for k in ("frozen", "r2", "r16"))
-        best = sel.get("best_rank")
-        if None not in (a, b, c):
-            entry["margins"] = {"c_minus_a": c - a, "c_minus_b": c - b, "d_arm": best,
-                                "d_mean": arms.get(best, {}).get("mean"),
-                                "meets_target": bool(c - a >= 0.05 and c - b >= 0.02)}
+        if "frozen" in arms and "r2" in arms and "r16" in arms:
+            entry["margins"] = {**margins(arms), "d_arm": sel.get("best_rank"), "d_mean": arms.get(sel.get("best_rank"), {}).get("mean")}
+        if any(r["seed"] not in SEEDS for r in recs):  # extra seeds run on request (--seeds)
+            more = arm_table(recs)
+            entry["all_seeds"] = {"test": more, "margins": margins(more) if {"frozen", "r2", "r16"} <= set(more) else None}
         out["candidates"][name] = entry
     return out
 
@@ -561,8 +575,16 @@ def print_table(summary: dict) -> None:
             print(f"{name:<18} {arm:<7} {r['lr']:>7g} {r['mean']:>6.3f}  {' '.join(f'{x:.3f}' for x in r['accuracy'])}")
         m = entry.get("margins")
         if m:
+            print(f"{'':<18} (c)-(b) per seed {' '.join(f'{x:+.3f}' for x in m['c_minus_b_per_seed'])}")
             print(f"{'':<18} (c)-(a) {m['c_minus_a']:+.3f}  (c)-(b) {m['c_minus_b']:+.3f}  (d) = {m['d_arm']}  "
                   f"{'MEETS' if m['meets_target'] else 'misses'} the target")
+        more = entry.get("all_seeds")
+        if more and more["margins"]:
+            m = more["margins"]
+            seeds = more["test"]["r16"]["seeds"]
+            print(f"{'':<18} seeds {seeds}: " + "  ".join(f"{k} {r['mean']:.3f}" for k, r in more["test"].items())
+                  + f"  (c)-(a) {m['c_minus_a']:+.3f}  (c)-(b) {m['c_minus_b']:+.3f}  per seed "
+                  + " ".join(f"{x:+.3f}" for x in m["c_minus_b_per_seed"]))
 
 
 def main() -> None:
@@ -573,6 +595,8 @@ def main() -> None:
     ap.add_argument("--candidate", help="drift: the testbed")
     ap.add_argument("--configs", nargs="+", default=["32x1", "16x1", "8x1", "16x2", "8x2"], help="drift: BATCHxEPOCHS")
     ap.add_argument("--rounds", type=int, default=4, help="drift: rounds")
+    ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="test: seeds (extra ones are reported apart)")
+    ap.add_argument("--arms", nargs="+", help="test: only these arms (e.g. frozen r2 r16)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--cache", default="data/lora_value_runs")
     ap.add_argument("--out", default=str(OUT))
@@ -586,9 +610,10 @@ def main() -> None:
                 select_arms(align_units(name, "select", [0]), args.jobs)
         select_arms([u for name in args.candidates for u in select_units(name, args.ranks)], args.jobs)
     elif args.phase == "test":
-        aligned = [u for n in args.candidates if CANDIDATES[n].aligned for u in align_units(n, "test", SEEDS)]
+        aligned = [u for n in args.candidates if CANDIDATES[n].aligned for u in align_units(n, "test", args.seeds)]
         run_units(aligned, args.jobs)  # the aligned models (and arm (a)) of each seed first
-        run_units([u for name in args.candidates for u in test_units(name, SEEDS)], args.jobs)
+        units = [u for name in args.candidates for u in test_units(name, args.seeds)]
+        run_units([u for u in units if not args.arms or u["arm"] in args.arms], args.jobs)
     summary = summarise()
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
     if args.phase == "drift":
