@@ -3,9 +3,11 @@ plus how far clients drift per round (item 2, a first look). Writes
 benchmarks/results/lora_value.json and prints a summary table.
 
     python benchmarks/lora_value.py select   [--candidates ...] [--ranks 2 16] [--jobs 2]
-    python benchmarks/lora_value.py test     [--candidates ...] [--jobs 2]
-    python benchmarks/lora_value.py drift    --candidate NAME
+    python benchmarks/lora_value.py test     [--candidates ...] [--seeds 0 1 2] [--arms ...] [--jobs 2]
+    python benchmarks/lora_value.py drift    --candidate NAME [--configs 32x1 8x2 ...] [--rounds 4]
     python benchmarks/lora_value.py summary
+
+(The exact commands behind the committed results are at the end of docs/testbed.md.)
 
 Central training (no federation) on the union of every client's ``train`` rows, both
 modalities present, ``EPOCHS`` epochs at batch ``federation.batch_size``; evaluation on the
@@ -31,7 +33,7 @@ Functions the library lacks, kept here until the chosen testbed moves into it:
 ``public_slice_splits`` (a public alignment slice as a split output), ``ClassNameHead`` and
 ``class_name_embeddings`` (a frozen CLIP-style head), ``base_model`` / ``candidate_model``
 (the embedded model with a chosen head, trained modules and LoRA targets), ``align_base``
-(the central alignment stage), ``freeze_lora`` (LoRA frozen).
+(the central alignment stage). See docs/testbed.md for the results and where each belongs.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ CANDIDATES = {
     "all_modules": Candidate("(iv) LoRA on q,k,v,attention-output and MLP denses; projector + head train (today's regime)", "linear", "lora+head", ALL_MODULES, False),
     "align_all_modules": Candidate("(ii)+(iv) alignment on a public slice, then only LoRA on q,k,v,attention-output and MLP denses", "linear", "lora", ALL_MODULES, True),
 }
+MEASURED = ("lora_only", "align_lora", "align_classname", "all_modules")  # docs/testbed.md; the other two are defined, not run
 
 
 # --------------------------------------------------------------------------- data
@@ -157,8 +160,8 @@ def splits(public: bool) -> pd.DataFrame:
 def datasets_for(public: bool) -> dict[str, Subset]:
     """union (every client's train rows), fit/val (its stratified 80/20 cut), test (global),
     public (the alignment slice, when carved)."""
-    df = splits(public)
-    union = np.sort(df[(df.client >= 0) & (df.split == "train")].row.to_numpy())
+    train_sets, _, global_test = subsets_from_splits(splits(public))
+    union = np.sort(torch.cat([s.rows for s in train_sets.values()]).numpy())
     labels = table().labels.numpy()
     rng = np.random.default_rng(np.random.SeedSequence([params().seed, 13]))
     val_idx = splits_mod._stratified_holdout(labels[union], VAL_FRACTION, rng)
@@ -167,9 +170,10 @@ def datasets_for(public: bool) -> dict[str, Subset]:
         "union": complete(union),
         "fit": complete(np.setdiff1d(union, val)),
         "val": complete(val),
-        "test": complete(df[df.client == splits_mod.GLOBAL_TEST].row.to_numpy()),
+        "test": complete(global_test.rows),
     }
     if public:
+        df = splits(public)
         out["public"] = complete(df[df.client == PUBLIC_CLIENT].row.to_numpy())
     return out
 
@@ -234,12 +238,6 @@ def candidate_model(cand: Candidate, base: nn.Module, rank: int) -> adapters.Pef
     saved = trained_modules(cand.head) if cand.trains == "lora+head" else []
     alpha = params().lora.alpha_for(rank)
     return adapters.wrap_with_lora(base, rank, alpha, list(cand.targets), modules_to_save=saved, exclude_modules=NO_POOLER)
-
-
-def freeze_lora(model: nn.Module) -> None:
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            p.requires_grad_(False)
 
 
 def align_base(base: nn.Module, data: Subset, *, lr: float, epochs: int, seed: int) -> None:
@@ -319,7 +317,8 @@ def run_unit(unit: dict) -> dict:
         train_local(model, table(), train, epochs=EPOCHS, batch_size=params().federation.batch_size, lr=unit["lr"],
                     generator=torch.Generator().manual_seed(seed))
         train_seconds = time.perf_counter() - t0
-    record = {**unit, **evaluate(model, table(), score), "trainable_params": trainable(model) if trains or arm == "align" else 0,  # align: the alignment's
+    # trainable parameters of the arm's own training; for "align", the alignment's
+    record = {**unit, **evaluate(model, table(), score), "trainable_params": trainable(model) if trains or arm == "align" else 0,
               "train_seconds": round(train_seconds, 1), "align_seconds": round(align_seconds, 1),
               "wall_seconds": round(time.perf_counter() - start, 1),
               "cpu_seconds": round(time.process_time() - cpu_start, 1), "n_train": len(train), "n_score": len(score)}
@@ -590,7 +589,7 @@ def print_table(summary: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("phase", choices=["select", "test", "drift", "summary"])
-    ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    ap.add_argument("--candidates", nargs="+", default=list(MEASURED), choices=list(CANDIDATES))
     ap.add_argument("--ranks", nargs="+", type=int, default=[2, 16], help="select: LoRA ranks to sweep")
     ap.add_argument("--candidate", help="drift: the testbed")
     ap.add_argument("--configs", nargs="+", default=["32x1", "16x1", "8x1", "16x2", "8x2"], help="drift: BATCHxEPOCHS")
