@@ -41,16 +41,33 @@ class Ablation(BaseModel):
     against: str | None = None
 
 
+class Setting(BaseModel):
+    """Overrides of the reference, and optionally the variants this setting runs instead of the
+    study's (``variants``) and besides them (``extra``). A plain mapping is its overrides."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    overrides: Overrides = Field(default_factory=dict)
+    variants: list[str] | None = None
+    extra: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not set(data) & {"overrides", "variants", "extra"}:
+            return {"overrides": data}
+        return data
+
+
 class StudyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     base_params: Path = Path("params.yaml")
     reference: Overrides = Field(default_factory=dict)  # dotted overrides of the base params
-    settings: dict[str, Overrides] = Field(default_factory=dict)  # each: overrides of the reference
+    settings: dict[str, Setting] = Field(default_factory=dict)  # one factor at a time around the reference
     variants: list[str]
-    extra_variants: dict[str, list[str]] = Field(default_factory=dict)  # setting -> variants only it runs
     ablations: dict[str, Ablation] = Field(default_factory=dict)  # at the reference only
     seeds: Annotated[list[int], Field(min_length=1)]
     reference_seeds: list[int] | None = None  # default: ``seeds``
+    ablation_seeds: list[int] | None = None  # the reference seeds that run the ablations (default: all)
     experiment: str = "fedilora-study"
     runner: RunnerConfig = RunnerConfig(task_runner="dask", n_workers=2)  # a process per core
     out_dir: Path = Path("outputs/study")
@@ -58,12 +75,10 @@ class StudyConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "StudyConfig":
-        for name in [*self.variants, *(v for vs in self.extra_variants.values() for v in vs),
-                     *(a.variant for a in self.ablations.values())]:
+        named = [*self.variants, *(a.variant for a in self.ablations.values())]
+        named += [v for s in self.settings.values() for v in [*(s.variants or []), *s.extra]]
+        for name in named:
             variants.parse(name)  # raises naming a malformed variant
-        unknown = [s for s in self.extra_variants if s != REFERENCE and s not in self.settings]
-        if unknown:
-            raise ValueError(f"extra_variants: {unknown} are not settings ({[REFERENCE, *self.settings]})")
         if REFERENCE in self.settings:
             raise ValueError(f"settings: {REFERENCE!r} is the reference itself; give the setting another name")
         clash = set(self.ablations) & set(self.variants)
@@ -100,15 +115,18 @@ def setting_params(study: StudyConfig, setting: str, seed: int) -> Params:
     """The base params with the reference's overrides, the setting's, and the seed."""
     try:
         params = load_params(study.base_params, study.reference)
-        return with_overrides(params, {**study.settings.get(setting, {}), "seed": seed})
+        overrides = study.settings[setting].overrides if setting in study.settings else {}
+        return with_overrides(params, {**overrides, "seed": seed})
     except ConfigError as err:
         raise ConfigError(f"study setting {setting!r}: {err}") from None
 
 
-def runs_for(study: StudyConfig, setting: str) -> dict[str, tuple[str, Overrides]]:
-    """label -> (variant name, extra overrides) of every run in one setting."""
-    out = {v: (v, {}) for v in [*study.variants, *study.extra_variants.get(setting, [])]}
-    if setting == REFERENCE:
+def runs_for(study: StudyConfig, setting: str, seed: int | None = None) -> dict[str, tuple[str, Overrides]]:
+    """label -> (variant name, extra overrides) of every run in one setting (under ``seed``:
+    the ablations run at the reference's ``ablation_seeds`` only)."""
+    spec = study.settings.get(setting, Setting())
+    out = {v: (v, {}) for v in [*(spec.variants or study.variants), *spec.extra]}
+    if setting == REFERENCE and (seed is None or study.ablation_seeds is None or seed in study.ablation_seeds):
         out.update({name: (a.variant, a.overrides) for name, a in study.ablations.items()})
     return out
 
@@ -121,7 +139,7 @@ def run_params(study: StudyConfig, setting: str, seed: int, label: str) -> Param
 def unit_key(study: StudyConfig, setting: str, seed: int) -> str:
     """File name of a finished (setting, seed): changed params or runs give a new name, so a
     resumed study never reuses a result computed under other settings."""
-    content = "".join(run_params(study, setting, seed, label).model_dump_json() for label in runs_for(study, setting))
+    content = "".join(run_params(study, setting, seed, label).model_dump_json() for label in runs_for(study, setting, seed))
     return f"{setting}-seed{seed}-{hashlib.sha256(content.encode()).hexdigest()[:10]}"
 
 
@@ -131,7 +149,7 @@ def run_unit(study: StudyConfig, setting: str, seed: int, table: FeatureTable, m
     params = setting_params(study, setting, seed)
     splits = make_splits(table.labels.numpy(), params, test_rows=test_rows)
     frames = []
-    for label in runs_for(study, setting):
+    for label in runs_for(study, setting, seed):
         vparams = run_params(study, setting, seed, label)
         fed = Federation(vparams, table, splits, model=model_for(vparams))
         _, results = run(fed, missing_every_round=False)

@@ -82,7 +82,7 @@ def write(study: st.StudyConfig, results: pd.DataFrame, out_dir: Path) -> dict:
 
 def _missing_rate(study: st.StudyConfig, setting: str) -> float | None:
     """The setting's missing rate when it differs from the reference only in that (else None)."""
-    changed = set(study.settings.get(setting, {}))
+    changed = set(study.settings[setting].overrides) if setting in study.settings else set()
     if setting != st.REFERENCE and changed != {"missing.rate"}:
         return None
     rate = st.setting_params(study, setting, study.seeds[0]).missing.rate
@@ -164,7 +164,7 @@ def _claims_table(verdicts: pd.DataFrame, metric: str, settings: list[str]) -> l
 
 
 def _setting_line(study: st.StudyConfig, setting: str) -> str:
-    changes = study.reference if setting == st.REFERENCE else study.settings[setting]
+    changes = study.reference if setting == st.REFERENCE else study.settings[setting].overrides
     what = ", ".join(f"`{k}: {v}`" for k, v in changes.items()) or "the base params"
     return f"- **{setting}** ({len(st.seeds_for(study, setting))} seeds): {what}"
 

@@ -19,9 +19,8 @@ from tiny_project import run_cli, write_project
 STUDY = {
     "base_params": "params.yaml",
     "reference": {"federation.rounds": 2, "missing.rate": 0.4},
-    "settings": {"missing_0": {"missing.rate": 0.0}, "equal_ranks": {"clients.ranks": [4]}},
+    "settings": {"missing_0": {"missing.rate": 0.0}, "equal_ranks": {"overrides": {"clients.ranks": [4]}, "extra": ["fedavg"]}},
     "variants": ["hetlora", "fedilora", "fedilora+edit"],
-    "extra_variants": {"equal_ranks": ["fedavg"]},
     "ablations": {
         "official": {"variant": "fedilora@official", "against": "fedilora"},
         "b_columns": {"variant": "fedilora", "overrides": {"aggregation.options": {"b_columns": "official"}}},
@@ -68,7 +67,7 @@ def test_settings_runs_and_params(project: Path, monkeypatch) -> None:
     "change, message",
     [
         ({"variants": ["fedilora+magic"]}, "fedilora\\+magic"),
-        ({"extra_variants": {"nowhere": ["fedavg"]}}, "nowhere"),
+        ({"settings": {"x": {"overrides": {}, "variants": ["nope@x"]}}}, "nope@x"),
         ({"settings": {**STUDY["settings"], "bad": {"missing.rate": 1.5}}}, "setting 'bad'.*missing.rate"),
         ({"seed": 3}, "seed"),
     ],
