@@ -1,19 +1,19 @@
-"""Regenerate docs/prefect-ui.png and docs/mlflow-ui.png from real local servers.
+"""Regenerate docs/prefect-ui.png and docs/mlflow-ui.png from the default run, on real local servers.
 
     apt-get install -y chromium            # Debian's Chromium, once
-    .venv/bin/python docs/screenshots.py   # ~2 minutes on 2 cores
+    make run                               # the default pipeline: its compare is what MLflow shows
+    .venv/bin/python docs/screenshots.py   # a few minutes on 2 cores
 
-What it does, in a temporary folder (``--workdir`` keeps it):
+What it does (``--workdir`` keeps its temporary folder):
 
-1. writes the tiny test project (tests/tiny_project.py: random tiny model, 90 coloured squares),
-   with 6 rounds and five compared variants, then ``fedilora prepare`` and ``fedilora split``;
-2. starts ``prefect server start`` on 127.0.0.1 with its own PREFECT_HOME, then ``fedilora serve``,
-   triggers a run of ``federated_training/fedilora`` through the REST API with a parameter
-   (what the UI's "Run > Custom run" form does), waits for COMPLETED, and screenshots that flow
-   run's page -> docs/prefect-ui.png;
-3. runs ``fedilora compare`` (the five variants as nested runs under one parent run), starts
-   ``mlflow server`` on the project's SQLite store, and screenshots MLflow's "Compare runs" page
-   for those five sibling runs -> docs/mlflow-ui.png.
+1. starts ``prefect server start`` on 127.0.0.1 with its own PREFECT_HOME, then ``fedilora serve``
+   in the repository (the default params), triggers a run of ``federated_training/fedilora``
+   through the REST API with parameters (what the UI's "Run > Custom run" form does: 2 rounds, to
+   keep it short), waits for COMPLETED, and screenshots that flow run's page -> docs/prefect-ui.png;
+2. starts ``mlflow server`` on the repository's store (``mlruns/``) and screenshots MLflow's
+   "Compare runs" page for the latest ``compare`` run's variant runs: each variant's mean over
+   ``compare.seeds`` and its 95 % CI per summary, the seeds' runs nested under it ->
+   docs/mlflow-ui.png.
 
 Chromium is driven headless over the DevTools protocol (``websockets``, already a Prefect
 dependency) rather than with ``--screenshot``, because the MLflow UI needs a setting in
@@ -22,7 +22,7 @@ screenshot is only worth taking once the page shows its data. Servers and the br
 DevTools endpoint bind to 127.0.0.1 only, and all of them are stopped at the end.
 
 A plain ``chromium --headless ... --screenshot=FILE --virtual-time-budget=15000 URL`` works for
-the Prefect page alone (see docs/UIS.md).
+the Prefect page alone (see docs/ui.md).
 """
 
 from __future__ import annotations
@@ -45,10 +45,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from test_servers import (  # noqa: E402  (helpers shared with the server tests)
-    BIN, HOST, Server, base_env, fedilora, find_deployment, free_port, prefect_env, start_mlflow_server,
+    BIN, HOST, Server, find_deployment, free_port, prefect_env, start_mlflow_server,
     start_prefect_server, trigger_run, wait_final_state, wait_until,
 )
-from tiny_project import write_project  # noqa: E402
 
 WIDTH, HEIGHT = 1400, 900
 CHROMIUM_FLAGS = [
@@ -57,7 +56,6 @@ CHROMIUM_FLAGS = [
     f"--window-size={WIDTH},{HEIGHT}", "--hide-scrollbars", "--remote-debugging-address=127.0.0.1",
     "--remote-debugging-port=0",
 ]
-VARIANTS = ["fedilora+edit", "fedilora", "hetlora", "flexlora", "flora"]
 
 
 class Browser:
@@ -134,8 +132,9 @@ def prefect_screenshot(project: Path, work: Path, browser: Browser, out: Path) -
                               cwd=project, env=env, log=work / "serve.log"))
         deployment = wait_until(lambda: find_deployment(port), 120, "the deployment", servers=tuple(servers))
         # what "Run > Custom run" in the UI sends: the deployment's params_path plus these overrides
-        overrides = {"aggregation.method": "hetlora", "federation.rounds": 3}
-        run = trigger_run(port, deployment["id"], {"overrides": overrides})
+        # (its outputs and MLflow run go aside, so the pipeline's outputs and experiment stay as they are)
+        overrides = {"aggregation.method": "hetlora", "federation.rounds": 2, "tracking.experiment": "fedilora-screenshots"}
+        run = trigger_run(port, deployment["id"], {"overrides": overrides, "out_dir": str(work / "federate")})
         final = wait_final_state(port, run["id"], 180, servers=tuple(servers))
         if final["state_type"] != "COMPLETED":
             raise RuntimeError(f"flow run ended {final['state_name']}:\n{servers[-1].tail()}")
@@ -149,8 +148,6 @@ def prefect_screenshot(project: Path, work: Path, browser: Browser, out: Path) -
 
 
 def mlflow_screenshot(project: Path, work: Path, browser: Browser, out: Path) -> None:
-    env = base_env(PREFECT_HOME=str(work / "prefect-local"))
-    fedilora(["compare", "--params", "params.yaml"], cwd=project, env=env)
     port = free_port()
     print(f"mlflow server on http://{HOST}:{port}")
     server = start_mlflow_server(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}", port, work / "mlflow-server")
@@ -158,13 +155,14 @@ def mlflow_screenshot(project: Path, work: Path, browser: Browser, out: Path) ->
         api = f"http://{HOST}:{port}/api/2.0/mlflow"
         exp = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "fedilora"}, timeout=10)
         exp_id = exp.json()["experiment"]["experiment_id"]
-        search = {"experiment_ids": [exp_id], "filter": "attributes.run_name = 'compare'"}
+        search = {"experiment_ids": [exp_id], "filter": "attributes.run_name = 'compare'",
+                  "order_by": ["attributes.start_time DESC"]}
         parent = requests.post(f"{api}/runs/search", json=search, timeout=10).json()["runs"][0]["info"]["run_id"]
         search = {"experiment_ids": [exp_id], "filter": f"tags.mlflow.parentRunId = '{parent}'",
                   "order_by": ["attributes.start_time ASC"]}
         found = requests.post(f"{api}/runs/search", json=search, timeout=10).json()["runs"]
-        children = [r["info"]["run_id"] for r in found]
-        assert len(children) == len(VARIANTS), children
+        children = [r["info"]["run_id"] for r in found]  # the variant runs (their seeds' runs are nested below them)
+        assert children, f"no variant runs under the compare run {parent}; run `make run` first"
         base = f"http://{HOST}:{port}"
         browser.open(f"{base}/#/experiments")
         # close the "MLflow Assistant" side panel, which opens itself on a first visit to a local server
@@ -191,13 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fedilora-screens-"))
     work.mkdir(parents=True, exist_ok=True)
-    project = work / "project"
-    print(f"tiny project in {project}")
-    write_project(project, federation={"rounds": 6, "lr": 0.0002}, missing={"rate": 0.7},
-                  compare={"variants": VARIANTS})
-    env = base_env(PREFECT_HOME=str(work / "prefect-local"))
-    fedilora(["prepare", "--params", "params.yaml"], cwd=project, env=env)
-    fedilora(["split", "--params", "params.yaml"], cwd=project, env=env)
+    project = REPO
 
     browser = Browser(args.chromium)
     try:
