@@ -20,7 +20,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import f1_score, roc_auc_score
 
 Task = Literal["multiclass", "binary", "multilabel"]
 
@@ -71,6 +70,8 @@ def empty(task: Task) -> dict[str, float]:
 
 def compute(task: Task, truth: np.ndarray, logits: np.ndarray) -> dict[str, float]:
     """The task's metrics from the true labels and the model's logits (N, C)."""
+    from sklearn.metrics import f1_score  # imported here: sklearn takes ~1.5 s, and most commands never score
+
     pred = predictions(torch.as_tensor(logits), task).numpy()
     if task == "multilabel":
         truth = np.asarray(truth).astype(np.int64)
@@ -93,5 +94,7 @@ def auroc(truth: np.ndarray, logits: np.ndarray) -> float:
     (AUROC is undefined there, and a tiny client test split can be like that)."""
     if len(np.unique(truth)) < 2:
         return float("nan")
+    from sklearn.metrics import roc_auc_score
+
     prob = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), -1)[:, 1].numpy()
     return float(roc_auc_score(truth, prob))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,32 @@ FIXTURE_COLOURS = {c: (40 * i, 200 - 30 * i, 100, 255) for i, c in enumerate(_FI
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: needs the network or takes seconds; still runs by default")
+    # Flows run in this process (tiny_project.call_cli) report to one Prefect server, started on
+    # the first flow run, with a database of this session's own: never the user's ~/.prefect or
+    # a server PREFECT_API_URL names. Set before Prefect is imported (it reads them then).
+    os.environ.pop("PREFECT_API_URL", None)
+    os.environ["PREFECT_HOME"] = config.stash[_PREFECT_HOME] = tempfile.mkdtemp(prefix="fedilora-tests-prefect-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    home = config.stash.get(_PREFECT_HOME, None)
+    if home is None:
+        return
+    server = _prefect_server()
+    if server is not None:
+        server.stop()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+_PREFECT_HOME = pytest.StashKey[str]()
+
+
+def _prefect_server():
+    """This process's ephemeral Prefect server, if a flow started it."""
+    import sys
+
+    module = sys.modules.get("prefect.server.api.server")
+    return None if module is None else module.SubprocessASGIServer._instances.get(None)
 
 
 def _png(path: Path, colour: tuple[int, int, int, int]) -> None:
@@ -82,6 +110,16 @@ def prepared_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     code, stderr = cli("prepare", "--params", str(params))
     assert code == 0, stderr
     return root
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow store, made once: ``tiny_project.seed_mlflow_store`` copies it into projects."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()  # creates the tables
+    return path
 
 
 @pytest.fixture

@@ -3,10 +3,10 @@ in-process, and fingerprint every byte of a data root."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 from pathlib import Path
+
+from tiny_project import call_cli
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -19,14 +19,9 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 def cli(*args: str) -> tuple[int, str]:
-    """``fedilora ARGS`` in this process (the real argument parsing and error handling, without
-    a new interpreter per call): (exit code, stderr)."""
-    from flows import cli as fedilora_cli
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = fedilora_cli.main(list(args))
-    return code, err.getvalue()
+    """``fedilora ARGS`` in this process (tiny_project.call_cli): (exit code, stderr)."""
+    proc = call_cli(None, *args, check=False)
+    return proc.returncode, proc.stderr
 
 
 def error_line(code: int, stderr: str, command: str = "prepare") -> str:

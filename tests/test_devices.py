@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedilora import aggregation, devices
+from fedilora import devices, methods
 from fedilora.config import ConfigError, RuntimeConfig, parse_params
 from fedilora.federation import Federation, check_methods
 from fedilora.inputs import feature_batch as make_batch
@@ -17,7 +17,7 @@ from fedilora.models import adapters
 from fedilora.models.families import family_of
 from fedilora.training import Subset, train_local
 from test_hf_models import CLASSES, FAMILIES, MIXED, _table, checkpoints  # noqa: F401 (fixture)
-from tiny_project import run_cli, write_project
+from tiny_project import call_cli, write_project
 
 
 def build_model(params, image_dim: int, num_classes: int):
@@ -79,11 +79,10 @@ def test_cuda_or_quantization_without_cuda_is_a_one_line_error() -> None:
         devices.check(RuntimeConfig(quantization="4bit"))
 
 
-@pytest.mark.slow
 @NO_CUDA
 def test_cli_federate_on_cuda_without_cuda_exits_2_with_one_line(tmp_path) -> None:
     write_project(tmp_path)
-    proc = run_cli(tmp_path, "federate", "-S", "runtime.device=cuda", check=False)
+    proc = call_cli(tmp_path, "federate", "-S", "runtime.device=cuda", check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("fedilora federate: error: runtime.device=cuda: CUDA is not available"), proc.stderr
@@ -170,7 +169,7 @@ def test_a_cpu_float32_state_loads_into_a_bf16_model(checkpoints) -> None:  # no
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_trained_clients_aggregate_like_float32_ones(checkpoints, family) -> None:  # noqa: F811
     """Two clients' round through ``Federation.client_update`` (the path a GPU worker runs) on a
-    bf16 base: the states come back CPU float32, and ``aggregation.aggregate`` of them equals the
+    bf16 base: the states come back CPU float32, and ``methods.aggregate`` of them equals the
     aggregation of the same states held in bf16 up to bf16 rounding. The same round on a
     float32 base moves the adapter the same way (bf16 training differs by rounding, not trend)."""
     import pandas as pd
@@ -189,10 +188,10 @@ def test_bf16_trained_clients_aggregate_like_float32_ones(checkpoints, family) -
         for state in states:
             assert {(t.device.type, t.dtype) for t in state.values()} == {("cpu", torch.float32)}
         ranks, sizes = [u.rank for u in updates], [u.num_samples for u in updates]
-        scalings = [fed.scaling(r) for r in ranks]
-        merged = aggregation.aggregate("fedilora", states, ranks, sizes, scalings=scalings)
+        scalings = [fed.strategy.setup.scaling(r) for r in ranks]
+        merged = methods.aggregate("fedilora", states, ranks, sizes, scalings=scalings)
         in_bf16 = [{k: v.to(torch.bfloat16) for k, v in s.items()} for s in states]
-        from_bf16 = aggregation.aggregate("fedilora", in_bf16, ranks, sizes, scalings=scalings)
+        from_bf16 = methods.aggregate("fedilora", in_bf16, ranks, sizes, scalings=scalings)
         for key, value in merged.items():
             torch.testing.assert_close(from_bf16[key].float(), value, rtol=2e-2, atol=1e-4)
         moves[name] = {k: v - start[k] for k, v in merged.items()}

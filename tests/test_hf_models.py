@@ -17,7 +17,7 @@ from fedilora.models.shared import ModelSpec, build
 from fedilora.models import adapters, hf
 from fedilora.models.encoders import load_tokenizer
 from fedilora.training import Subset, evaluate, train_local
-from tiny_project import run_cli, write_project
+from tiny_project import call_cli, seed_mlflow_store, write_project
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ["clip", "vilt", "llava"]
@@ -224,11 +224,14 @@ def _project(root: Path, checkpoint: Path) -> Path:
     ).parent
 
 
-def test_llava_federated_run_through_the_cli(checkpoints, tmp_path) -> None:
-    """prepare (the checkpoint's processor), split, federate (2 rounds) as the CLI runs them."""
+@pytest.mark.slow  # a Prefect flow
+def test_llava_federated_run_through_the_cli(checkpoints, tmp_path, mlflow_template) -> None:
+    """prepare (the checkpoint's processor), split, federate (2 rounds) as the CLI runs them
+    (its ``main``, in this process: tiny_project.call_cli)."""
     project = _project(tmp_path / "llava", checkpoints["llava"])
+    seed_mlflow_store(project, mlflow_template)
     for command in ("prepare", "split", "federate"):
-        run_cli(project, command)
+        call_cli(project, command)
     metrics = json.loads((project / "outputs/federate/metrics.json").read_text())
     assert metrics["rounds"] == 2
     assert 0.0 <= metrics["global_accuracy"] <= 1.0  # exact match of the generated answer
@@ -237,7 +240,7 @@ def test_llava_federated_run_through_the_cli(checkpoints, tmp_path) -> None:
 
 @pytest.mark.parametrize("family", ["clip", "vilt"])
 def test_federated_run_in_process(checkpoints, tmp_path, family, monkeypatch) -> None:
-    """The same stages and rounds in this process (one CLI run above covers the orchestration)."""
+    """The same stages and rounds through the library (the CLI run above covers the flow)."""
     from fedilora import stages
     from fedilora.federation import Federation, run
 

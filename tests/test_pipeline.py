@@ -37,7 +37,7 @@ def project(tmp_path_factory) -> Path:
     write_project(root)
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(REPO / name, root / name)
-    for name in ("fedilora", "tasks", "flows"):
+    for name in ("fedilora", "tasks", "flows", "bin"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     _run(["git", "init", "-q"], root)
     _run(["dvc", "init", "-q"], root)

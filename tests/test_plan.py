@@ -29,7 +29,7 @@ from fedilora.models import adapters
 from fedilora.models.encoders import load_image_encoder, load_tokenizer
 from fedilora.training import Subset, train_local
 from test_hf_models import _table, checkpoints  # noqa: F401 (fixture)
-from tiny_project import run_cli, write_project
+from tiny_project import call_cli, write_project
 
 BATCH = 16
 RUNTIMES = {"float32": {}, "bf16+checkpointing": {"dtype": "bfloat16", "gradient_checkpointing": True}}
@@ -146,10 +146,9 @@ def test_llava_15_7b_at_the_paper_ranks_without_weights(tmp_path) -> None:
     assert 0 < memory["activations"] < memory["base"]
 
 
-@pytest.mark.slow
 def test_plan_command(tmp_path) -> None:
     write_project(tmp_path)
-    proc = run_cli(tmp_path, "plan", "--out", "plan.json", "-S", "runtime.dtype=bfloat16")
+    proc = call_cli(tmp_path, "plan", "--out", "plan.json", "-S", "runtime.dtype=bfloat16")
     assert "peak training memory per worker (estimate)" in proc.stdout and "frozen parameters" in proc.stdout
     written = json.loads((tmp_path / "plan.json").read_text())
     assert written["runtime"]["dtype"] == "bfloat16" and written["memory"]["total"] > written["memory"]["base"]

@@ -24,7 +24,7 @@ from fedilora.data.sources import detect_format, load_source_dataset
 from fedilora.data.splits import representative_labels
 from fedilora.federation import ClientUpdate, RoundResult
 from fedilora.outputs import rounds_frame
-from tiny_project import run_cli, tiny_params
+from tiny_project import call_cli, seed_mlflow_store, tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
@@ -436,21 +436,24 @@ def test_example_params_are_valid(name: str) -> None:
     assert params.data.format == DATA_EXAMPLES[name] and params.data.source != "emoji"
 
 
-# --------------------------------------------------------------------------- CLI end to end
+# --------------------------------------------------------------------------- the CLI's stages
 
 
-def _project(root: Path, source: str, writer) -> Path:
+def _project(root: Path, source: str, writer, mlflow_template: Path) -> Path:
+    """prepare, split and federate as the CLI runs them (in this process: tiny_project.call_cli)."""
     root.mkdir(parents=True, exist_ok=True)
     writer(root / source)
     full = Params.model_validate(tiny_params(data={"source": source})).model_dump(mode="json")
     (root / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+    seed_mlflow_store(root, mlflow_template)
     for command in ("prepare", "split", "federate"):
-        run_cli(root, command)
+        call_cli(root, command)
     return root
 
 
-def test_cli_multilabel_mmimdb(tmp_path: Path) -> None:
-    project = _project(tmp_path / "p", "mmimdb", write_mmimdb)
+@pytest.mark.slow  # a Prefect flow
+def test_cli_multilabel_mmimdb(tmp_path: Path, mlflow_template: Path) -> None:
+    project = _project(tmp_path / "p", "mmimdb", write_mmimdb, mlflow_template)
     stats = json.loads((project / "data/split_stats.json").read_text())
     assert stats["global_test"]["n"] == 12  # the official test split
     m = json.loads((project / "outputs/federate/metrics.json").read_text())
@@ -461,7 +464,7 @@ def test_cli_multilabel_mmimdb(tmp_path: Path) -> None:
 
 
 def test_binary_hateful_memes_run(tmp_path: Path) -> None:
-    """The same stages in-process (the CLI's extra Prefect start-up is covered above)."""
+    """The same stages through the library (the CLI's flow is covered above)."""
     from fedilora import federation, outputs, stages
 
     write_hateful_memes(tmp_path / "hm")
