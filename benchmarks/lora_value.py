@@ -210,7 +210,7 @@ def margins(arms: dict, seeds: tuple[int, ...]) -> dict:
     out = {}
     for name, other in (("c_minus_a", "frozen"), ("c_minus_b", "r2")):
         d = stats.paired_difference(acc("r16"), acc(other))
-        out[name] = {"mean": d.mean, "ci95": [d.low, d.high], "n": d.n, "verdict": d.verdict,
+        out[name] = {"mean": d.mean, "ci95": [d.ci_low, d.ci_high], "n": d.seeds, "verdict": d.verdict,
                      "per_seed": [x - y for x, y in zip(acc("r16"), acc(other))]}
     out["meets_target"] = all(out[k]["mean"] >= v for k, v in TARGET.items())
     return out
