@@ -194,6 +194,12 @@ def verdicts(study: StudyConfig, seeds_table: pd.DataFrame, metrics: list[str]) 
     return pd.DataFrame(rows)
 
 
+def _paired(wide: pd.DataFrame, a: str, b: str) -> stats.PairedDifference:
+    """a - b over the seeds that ran both."""
+    both = wide[[a, b]].dropna()
+    return stats.paired_difference(both[a], both[b])
+
+
 def ablation_table(study: StudyConfig, seeds_table: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Each ablation at the reference: its difference from what it is measured against, and its
     margin over the best baseline (the rival with the highest mean), both paired with CIs."""
@@ -206,11 +212,11 @@ def ablation_table(study: StudyConfig, seeds_table: pd.DataFrame, metric: str) -
         base = ablation.against or ablation.variant
         if name not in wide or base not in wide:
             continue
-        change = stats.paired_difference(wide[name], wide[base])
-        row = {"ablation": name, "variant": ablation.variant, "against": base, "change_mean": change.mean,
+        change = _paired(wide, name, base)  # over the ablation's seeds (ablation_seeds), fewer than the reference's
+        row = {"ablation": name, "variant": ablation.variant, "against": base, "seeds": change.seeds, "change_mean": change.mean,
                "change_ci_low": change.ci_low, "change_ci_high": change.ci_high, "change_verdict": change.verdict}
         if best is not None:
-            margin = stats.paired_difference(wide[name], wide[best])
+            margin = _paired(wide, name, best)
             row.update(best_baseline=best, margin_mean=margin.mean, margin_ci_low=margin.ci_low,
                        margin_ci_high=margin.ci_high, margin_verdict=margin.verdict)
         rows.append(row)

@@ -82,12 +82,12 @@ def test_bad_study_files_name_the_field(project: Path, monkeypatch, change: dict
 
 def test_verdicts_and_ablations_on_known_numbers(project: Path, monkeypatch) -> None:
     monkeypatch.chdir(project)
-    study = st.load_study("study.yaml")
+    study = st.load_study("study.yaml").model_copy(update={"ablation_seeds": [0, 1]})  # fewer seeds than the reference's
     rows = []
     gap = {"hetlora": 0.0, "fedilora": 0.10, "fedilora+edit": 0.10, "official": 0.02, "b_columns": 0.10, "fedavg": 0.0}
     for setting in st.setting_names(study):
         for seed in st.seeds_for(study, setting):
-            for label in st.runs_for(study, setting):
+            for label in st.runs_for(study, setting, seed):
                 for r in (1, 2):
                     acc = 0.5 + gap[label] + 0.01 * seed
                     rows.append({"setting": setting, "variant": label, "seed": seed, "round": r, "global_accuracy": acc,
@@ -99,6 +99,7 @@ def test_verdicts_and_ablations_on_known_numbers(project: Path, monkeypatch) -> 
     assert verdicts.loc[("missing_0", "editing improves fedilora"), "verdict"] == "indistinguishable"  # no difference
     ablations = st.ablation_table(study, seeds, "global_accuracy_last3").set_index("ablation")
     assert ablations.loc["official", "change_mean"] == pytest.approx(-0.08) and ablations.loc["official", "against"] == "fedilora"
+    assert ablations.loc["official", "seeds"] == 2  # paired over the seeds both ran
     assert ablations.loc["b_columns", "margin_mean"] == pytest.approx(0.10) and ablations.loc["b_columns", "best_baseline"] == "hetlora"
 
 
