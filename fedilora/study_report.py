@@ -66,7 +66,7 @@ def write(study: st.StudyConfig, results: pd.DataFrame, out_dir: Path) -> dict:
         with atomic_path(out_dir / name) as tmp:
             frame.to_csv(tmp, index=False)
     _plot_missing_rate(study, table, headline, out_dir / "accuracy_vs_missing_rate.png")
-    _plot_rounds(results, headline, out_dir / "accuracy_per_round.png")
+    _plot_rounds(results, study.variants, headline, out_dir / "accuracy_per_round.png")
     _plot_shares(results, out_dir / "diagnostics_share.png")
     counts = claim_counts(verdicts)
     text = _markdown(study, results, table, verdicts, ablations, counts, headline)
@@ -107,8 +107,9 @@ def _plot_missing_rate(study: st.StudyConfig, table: pd.DataFrame, headline: str
     save_figure(fig, path)
 
 
-def _plot_rounds(results: pd.DataFrame, headline: str, path: Path) -> None:
-    rows = results[results["setting"] == st.REFERENCE]
+def _plot_rounds(results: pd.DataFrame, variants: list[str], headline: str, path: Path) -> None:
+    """The methods' curves at the reference (the ablations are in their own table)."""
+    rows = results[(results["setting"] == st.REFERENCE) & results["variant"].isin(variants)]
     fig = Figure(figsize=(11, 4))
     axes = fig.subplots(1, 2, sharey=True)
     for ax, view in zip(axes, VIEWS):
