@@ -4,7 +4,10 @@ in-process, and fingerprint every byte of a data root."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
+
+import pyarrow as pa
 
 from tiny_project import call_cli
 
@@ -32,3 +35,14 @@ def error_line(code: int, stderr: str, command: str = "prepare") -> str:
     lines = [line for line in stderr.splitlines() if line.startswith(f"fedilora {command}: error:")]
     assert len(lines) == 1, stderr[-2000:]
     return lines[0]
+
+
+def rewrite_arrow_rows(root: Path, change: Callable[[list[dict]], None]) -> None:
+    """Edit a saved dataset's rows below `datasets` (what a crafted or damaged copy looks like)."""
+    arrow = next(root.glob("*.arrow"))
+    with pa.memory_map(str(arrow)) as source:
+        table = pa.ipc.open_stream(source).read_all()
+    rows = table.to_pylist()
+    change(rows)
+    with pa.OSFile(str(arrow), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(pa.Table.from_pylist(rows, schema=table.schema))

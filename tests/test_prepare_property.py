@@ -24,13 +24,12 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from prepared_sets import cli, error_line, snapshot
+from prepared_sets import cli, error_line, rewrite_arrow_rows, snapshot
 from tiny_project import run_cli
 
 CLASSES = ("red", "green", "blue")
@@ -108,13 +107,18 @@ BAD_PATHS = ["../outside.png", "images/../../outside.png", "/etc/hostname", "./.
 # --------------------------------------------------------------------------- imagefolder
 
 
-def _folder(root: Path) -> list[dict]:
-    (root / "images").mkdir(parents=True)
-    objs = []
+def _image_rows(root: Path, folder: str, path_key: str) -> list[dict]:
+    """ROWS good images under root/folder and their rows (path under ``path_key``, text, label)."""
+    (root / folder).mkdir(parents=True)
+    rows = []
     for i in range(ROWS):
-        (root / "images" / f"{i}.png").write_bytes(png(i))
-        objs.append({"file_name": f"images/{i}.png", "text": f"a {label(i)} thing", "label": label(i)})
-    return objs
+        (root / folder / f"{i}.png").write_bytes(png(i))
+        rows.append({path_key: f"{folder}/{i}.png", "text": f"a {label(i)} thing", "label": label(i)})
+    return rows
+
+
+def _folder(root: Path) -> list[dict]:
+    return _image_rows(root, "images", "file_name")
 
 
 def _write_meta(root: Path, lines: list[bytes | dict]) -> Path:
@@ -240,12 +244,7 @@ def folder_test_split_missing_a_class(root: Path, draw: Draw) -> Broken:
 
 
 def _rows(root: Path) -> list[dict]:
-    (root / "pics").mkdir(parents=True)
-    rows = []
-    for i in range(ROWS):
-        (root / "pics" / f"{i}.png").write_bytes(png(i))
-        rows.append({"image": f"pics/{i}.png", "text": f"a {label(i)} thing", "label": label(i)})
-    return rows
+    return _image_rows(root, "pics", "image")
 
 
 def _write_table(root: Path, rows: list[dict], suffix: str) -> Path:
@@ -402,15 +401,6 @@ def _saved(root: Path, columns: dict | None = None, features: dict | None = None
     return root
 
 
-def _rewrite_rows(root: Path, change: Callable[[list[dict]], None]) -> None:
-    arrow = next(root.glob("*.arrow"))
-    with pa.memory_map(str(arrow)) as source:
-        table = pa.ipc.open_stream(source).read_all()
-    rows = table.to_pylist()
-    change(rows)
-    with pa.OSFile(str(arrow), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(pa.Table.from_pylist(rows, schema=table.schema))
-
 
 def hf_damaged_arrow(root: Path, draw: Draw) -> Broken:
     arrow = next(_saved(root).glob("*.arrow"))
@@ -474,14 +464,14 @@ def hf_image_only_a_path(root: Path, draw: Draw) -> Broken:
     k, path = draw(st.integers(0, ROWS - 1)), draw(st.sampled_from(["/etc/hostname", "../outside.png", "0.png", None]))
     outside_file(root)
     _saved(root)
-    _rewrite_rows(root, lambda rows: rows[k].update(image={"bytes": None, "path": path} if path else None))
+    rewrite_arrow_rows(root, lambda rows: rows[k].update(image={"bytes": None, "path": path} if path else None))
     return root, "hf", f"{root}: row {k}: the image is not stored in the dataset"
 
 
 def hf_label_out_of_range(root: Path, draw: Draw) -> Broken:
     k, value = draw(st.integers(0, ROWS - 1)), draw(st.one_of(st.integers(-(2**40), -1), st.integers(len(CLASSES), 2**40)))
     _saved(root)
-    _rewrite_rows(root, lambda rows: rows[k].update(label=value))
+    rewrite_arrow_rows(root, lambda rows: rows[k].update(label=value))
     return root, "hf", f"{root}: row {k}: label {value} is outside 0..2"
 
 

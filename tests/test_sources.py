@@ -9,7 +9,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 import torch
 import yaml
@@ -24,6 +23,7 @@ from fedilora.data.sources import detect_format, load_source_dataset
 from fedilora.data.splits import representative_labels
 from fedilora.federation import ClientUpdate, RoundResult
 from fedilora.outputs import rounds_frame
+from prepared_sets import rewrite_arrow_rows
 from tiny_project import call_cli, seed_mlflow_store, tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -284,16 +284,6 @@ def _save(path: Path, columns: dict, features: dict) -> Path:
     return path
 
 
-def _rewrite_arrow(path: Path, change) -> None:
-    """Edit a saved dataset's rows below `datasets` (what a crafted or damaged copy looks like)."""
-    arrow = next(path.glob("*.arrow"))
-    with pa.memory_map(str(arrow)) as source:
-        table = pa.ipc.open_stream(source).read_all()
-    rows = table.to_pylist()
-    change(rows)
-    with pa.OSFile(str(arrow), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(pa.Table.from_pylist(rows, schema=table.schema))
-
 
 def test_hf_layout_errors(tmp_path: Path) -> None:
     _image(tmp_path / "a.png", COLOURS["red"])
@@ -320,7 +310,7 @@ def test_hf_layout_errors(tmp_path: Path) -> None:
         load_source_dataset(str(path))
     # a crafted copy whose second image is only a path outside the dataset: that file is never read
     path = _save(tmp_path / "path_only", {"image": [png, png], "text": ["t", "u"], "label": [0, 1]}, {"image": image, "text": text, "label": classes})
-    _rewrite_arrow(path, lambda rows: rows[1].update(image={"bytes": None, "path": "/etc/hostname"}))
+    rewrite_arrow_rows(path, lambda rows: rows[1].update(image={"bytes": None, "path": "/etc/hostname"}))
     with pytest.raises(DatasetError, match=r"path_only: row 1: the image is not stored in the dataset \(only the path '/etc/hostname'\)"):
         load_source_dataset(str(path))
     path = _save(tmp_path / "torn", {"image": [png] * 50, "text": ["t"] * 50, "label": [0, 1] * 25}, {"image": image, "text": text, "label": classes})
